@@ -1,0 +1,165 @@
+"""`mmdistill <verb> [overrides]`: one console script, one Hydra config per job verb.
+
+Job verbs (distill, train, evaluate, buffer) are `@hydra.main` apps over `conf/<verb>.yaml`,
+so overrides, `-m` sweeps, `--cfg job` and `--help` all work. `table` and `export` take folders.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from mmdistill.errors import UserError
+
+JOB_VERBS = ("distill", "train", "evaluate", "buffer")
+FOLDER_VERBS = ("table", "export")
+USAGE = """usage: mmdistill <verb> [options]
+
+job verbs (Hydra apps; `mmdistill <verb> --help` lists config groups and overrides):
+  distill    distil a dataset into budget.pairs pairs, then train students and report recall
+  train      train students on the full real training set (the upper-bound row)
+  evaluate   re-score a saved distilled set: mmdistill evaluate source=<run folder>
+  buffer     train expert trajectories for trajectory-matching methods
+folder verbs:
+  table      aggregate run folders into paper-layout tables: mmdistill table <folder>...
+  export     PNG grids, captions and heat-maps of a run: mmdistill export <run folder>
+
+examples:
+  mmdistill distill                                   # built-in shapes data, tiny encoder
+  mmdistill distill dataset=flickr8k encoder=lite0_minilm method=random budget.pairs=100
+  mmdistill distill -m method=random budget.pairs=100,200
+"""
+
+
+def conf_dir() -> Path:
+    """Configs ship inside the wheel (mmdistill/conf); a source checkout has them at top level."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "conf", here.parent / "conf"):
+        if (cand / "distill.yaml").is_file():
+            return cand
+    raise UserError("mmdistill's conf/ folder is missing; reinstall the package")
+
+
+def check_choices(args: list[str], conf: Path) -> None:
+    """Fail fast, in one line, on an unknown config-group choice such as `method=nope`."""
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        group = conf / key
+        if key.startswith("hydra") or "/" in key or not group.is_dir():
+            continue
+        choices = sorted(p.stem for p in group.glob("*.yaml"))
+        for v in value.split(","):
+            v = v.strip()
+            if v and v != "null" and v not in choices:
+                raise UserError(f"unknown {key} {v!r}; choose one of: {', '.join(choices)}")
+
+
+def resume_args(args: list[str]) -> list[str]:
+    """`resume=<run dir>` re-runs that folder's own overrides in place."""
+    out = []
+    for arg in args:
+        if not arg.startswith("resume="):
+            out.append(arg)
+            continue
+        run = Path(arg.split("=", 1)[1]).expanduser()
+        saved = run / ".hydra" / "overrides.yaml"
+        if not saved.is_file():
+            raise UserError(
+                f"resume={run}: no .hydra/overrides.yaml there; point it at a run folder"
+            )
+        import yaml
+
+        previous = [
+            o for o in yaml.safe_load(saved.read_text()) or [] if not o.startswith("resume=")
+        ]
+        out = previous + out + [f"hydra.run.dir={run}", f"resume={run}"]
+    return out
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("basename"):
+        OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name)
+
+
+def _job_app(verb: str) -> Callable[[], None]:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    @hydra.main(config_path=str(conf_dir()), config_name=verb, version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        from mmdistill.jobs import JOBS, console, resolve_device
+
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        try:
+            if (run_dir / "done").is_file():
+                console.print(f"already done, skipped: {run_dir}")
+                return
+            JOBS[verb](cfg, run_dir, resolve_device(str(cfg.device)))
+            console.print(f"run folder: {run_dir}")
+        except UserError as err:
+            _record_failure(run_dir, str(err))
+            if hc.mode == RunMode.MULTIRUN:
+                console.print(f"[red]job failed[/red] ({run_dir}): {err}")
+                return
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return app
+
+
+def _record_failure(run_dir: Path, message: str) -> None:
+    from mmdistill import io
+
+    meta = run_dir / "meta.json"
+    if meta.is_file():
+        info = io.read_json(meta)
+        info.update(status="failed", error=message)
+        io.write_json(meta, info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    verb, args = argv[0], argv[1:]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.getLogger("root").setLevel(logging.ERROR)
+    try:
+        if verb in JOB_VERBS:
+            check_choices(args, conf_dir())
+            args = resume_args(args)
+            _register_resolvers()
+            sys.argv = [f"mmdistill-{verb}", *args]
+            _job_app(verb)()
+        elif verb == "table":
+            from mmdistill.tables import main as table_main
+
+            table_main(args)
+        elif verb == "export":
+            from mmdistill.export import main as export_main
+
+            export_main(args)
+        else:
+            raise UserError(
+                f"unknown verb {verb!r}; choose one of: {', '.join(JOB_VERBS + FOLDER_VERBS)}"
+            )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The one image-text set type every reader produces.
+
+A split is a `datasets.Dataset` with one row per image: `image` (decoded lazily by the
+`datasets.Image` feature from a path or bytes), `image_id` and `captions` (a list, usually 5).
+A training *pair* is one (image, caption) row, as in the papers, so a split with 5 captions
+per image has 5x as many pairs as images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from mmdistill.errors import UserError
+
+SPLITS = ("train", "val", "test")
+FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "image_id": datasets.Value("string"),
+        "captions": datasets.Sequence(datasets.Value("string")),
+    }
+)
+
+
+@dataclass
+class ImageTextSplit:
+    """One split: images, their captions, and the caption -> image index."""
+
+    rows: datasets.Dataset
+    name: str
+    fingerprint: str
+    captions: list[str] = field(init=False)
+    caption_image: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        per_image = self.rows["captions"]
+        self.captions = [c for caps in per_image for c in caps]
+        self.caption_image = np.repeat(
+            np.arange(len(per_image)), [len(c) for c in per_image]
+        ).astype(np.int64)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.captions)
+
+    def image(self, i: int) -> Image.Image:
+        return self.rows[int(i)]["image"].convert("RGB")
+
+    def images(self, indices: Sequence[int]) -> list[Image.Image]:
+        return [im.convert("RGB") for im in self.rows.select(list(indices))["image"]]
+
+
+@dataclass
+class ImageTextSet:
+    """A dataset: named splits sharing one caption convention."""
+
+    name: str
+    train: ImageTextSplit
+    val: ImageTextSplit
+    test: ImageTextSplit
+
+    def split(self, name: str) -> ImageTextSplit:
+        if name not in SPLITS:
+            raise UserError(f"unknown split {name!r}; choose one of: {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha1(
+            "|".join(s.fingerprint for s in (self.train, self.val, self.test)).encode()
+        ).hexdigest()[:16]
+
+
+def file_signature(path: Path) -> str:
+    """Cheap identity of an image file (name, size, mtime) for cache keys."""
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def split_from_records(
+    name: str,
+    image_ids: Sequence[str],
+    images: Sequence[str | Image.Image],
+    captions: Sequence[Sequence[str]],
+    fingerprint_parts: Sequence[str] | None = None,
+) -> ImageTextSplit:
+    """Build a split from parallel lists (image paths or PIL images, one caption list each).
+
+    Raises a UserError naming the fix when a split is empty or an image has no caption.
+    """
+    if len(image_ids) == 0:
+        raise UserError(
+            f"split {name!r} is empty: check the dataset root and the split sizes in the "
+            "dataset config"
+        )
+    for iid, caps in zip(image_ids, captions, strict=True):
+        if not caps or any(not isinstance(c, str) or not c.strip() for c in caps):
+            raise UserError(f"image {iid!r} in split {name!r} has an empty caption; fix the file")
+    parts = fingerprint_parts or [f"{i}:{'|'.join(c)}" for i, c in zip(image_ids, captions)]
+    digest = hashlib.sha1()
+    for p in parts:
+        digest.update(p.encode())
+    for caps in captions:
+        digest.update("|".join(caps).encode())
+    image_col = [str(im) if isinstance(im, Path) else im for im in images]
+    rows = datasets.Dataset.from_dict(
+        {"image": image_col, "image_id": list(image_ids), "captions": [list(c) for c in captions]},
+        features=FEATURES,
+    )
+    return ImageTextSplit(rows=rows, name=name, fingerprint=digest.hexdigest()[:16])
+
+
+def check_images_exist(root: Path, files: Sequence[str]) -> list[Path]:
+    """Resolve image files under root, failing on the first missing one with a fix."""
+    paths = [root / f for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise UserError(
+                f"image file {p} is missing: restore it, or point the dataset root elsewhere "
+                "(dataset.root=... or the dataset's env var)"
+            )
+    return paths
+
+
+def split_by_sorted_name(image_ids: Sequence[str], sizes: Sequence[int]) -> dict[str, list[int]]:
+    """Indices of train/val/test by sorted image name: first sizes[0], next sizes[1], rest."""
+    order = sorted(range(len(image_ids)), key=lambda i: image_ids[i])
+    n_train, n_val = int(sizes[0]), int(sizes[1])
+    n_test = (
+        int(sizes[2]) if len(sizes) > 2 and sizes[2] is not None else len(order) - n_train - n_val
+    )
+    if n_train + n_val + n_test > len(order):
+        raise UserError(
+            f"split sizes {n_train}/{n_val}/{n_test} need {n_train + n_val + n_test} images but "
+            f"the data has {len(order)}; lower dataset.split_sizes"
+        )
+    return {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val : n_train + n_val + n_test],
+    }

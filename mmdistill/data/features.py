@@ -1,0 +1,162 @@
+"""Real splits as tensors, in the space the encoder's students read, with a feature cache.
+
+Frozen trunks are run once per (dataset split fingerprint, trunk, preprocessing) and their
+outputs stored as safetensors; a second run loads them instead of re-encoding. Trainable trunks
+get pixels and token ids instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from rich.progress import Progress
+from torch import Tensor
+
+from mmdistill import io
+from mmdistill.data.base import ImageTextSplit
+from mmdistill.models.encoders import Encoder
+from mmdistill.pairs import PairSet
+
+log = logging.getLogger(__name__)
+# Bumped when the way features are computed changes, so stale caches are never read.
+CACHE_VERSION = 1
+
+
+@dataclass
+class RealSplit:
+    """A split's images (one row per image) and captions (one row per caption) as tensors."""
+
+    name: str
+    images: Tensor
+    texts: Tensor
+    text_mask: Tensor | None
+    caption_image: Tensor
+    captions: list[str]
+
+    @property
+    def n_pairs(self) -> int:
+        return self.texts.shape[0]
+
+    def pairset(self, idx: Tensor | None = None) -> PairSet:
+        """All pairs (sharing image rows), or the selected pairs as a standalone set."""
+        if idx is None:
+            return PairSet(
+                images=self.images,
+                texts=self.texts,
+                text_mask=self.text_mask,
+                image_index=self.caption_image,
+                meta={"source": "real", "pairs": self.n_pairs},
+            )
+        idx = idx.long()
+        return PairSet(
+            images=self.images[self.caption_image[idx]].clone(),
+            texts=self.texts[idx].clone(),
+            text_mask=None if self.text_mask is None else self.text_mask[idx].clone(),
+            meta={"source_pairs": idx.tolist()},
+        )
+
+
+def trunk_key(encoder: Encoder, which: str) -> str:
+    """Identity of a frozen trunk + its preprocessing, ignoring heads and training flags."""
+    cfg = OmegaConf.to_container(encoder.cfg, resolve=True)
+    for k in ("head", "temperature", "train_image_trunk", "train_text_trunk", "lora"):
+        cfg.pop(k, None)
+    blob = f"v{CACHE_VERSION}:{which}:{sorted(cfg.items())}"
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, compute) -> Tensor:
+    if path.is_file():
+        return io.load_tensors(path)["x"]
+    x = compute()
+    io.save_tensors(path, {"x": x})
+    return x
+
+
+def _pixels(
+    encoder: Encoder, split: ImageTextSplit, batch: int, progress: Progress | None
+) -> Tensor:
+    out = []
+    task = progress.add_task(f"{split.name} images", total=split.n_images) if progress else None
+    for s in range(0, split.n_images, batch):
+        idx = range(s, min(s + batch, split.n_images))
+        out.append(torch.stack([encoder.preprocess(im) for im in split.images(idx)]))
+        if progress:
+            progress.advance(task, len(idx))
+    return torch.cat(out)
+
+
+def _encode_images(
+    encoder: Encoder, split: ImageTextSplit, device: str, batch: int, progress
+) -> Tensor:
+    trunk = encoder.image_trunk.to(device)
+    out = []
+    task = (
+        progress.add_task(f"encode {split.name} images", total=split.n_images) if progress else None
+    )
+    for s in range(0, split.n_images, batch):
+        idx = range(s, min(s + batch, split.n_images))
+        px = torch.stack([encoder.preprocess(im) for im in split.images(idx)]).to(device)
+        with torch.no_grad():
+            out.append(trunk(px).float().cpu())
+        if progress:
+            progress.advance(task, len(idx))
+    return torch.cat(out)
+
+
+def _encode_texts(
+    encoder: Encoder, split: ImageTextSplit, device: str, batch: int, progress
+) -> Tensor:
+    trunk = encoder.text_trunk.to(device)
+    out = []
+    task = (
+        progress.add_task(f"encode {split.name} captions", total=split.n_pairs)
+        if progress
+        else None
+    )
+    for s in range(0, split.n_pairs, batch):
+        tok = encoder.tokenize(split.captions[s : s + batch])
+        with torch.no_grad():
+            out.append(trunk(tok.ids.to(device), tok.mask.to(device)).float().cpu())
+        if progress:
+            progress.advance(task, len(tok.ids))
+    return torch.cat(out)
+
+
+def real_split(
+    encoder: Encoder,
+    split: ImageTextSplit,
+    dataset_name: str,
+    cache_dir: Path,
+    device: str = "cpu",
+    batch: int = 64,
+    progress: Progress | None = None,
+) -> RealSplit:
+    """Tensors for one split: cached frozen-trunk features, or pixels / token ids."""
+    cache_dir = Path(cache_dir).expanduser()
+    stem = f"{dataset_name}-{split.name}-{split.fingerprint}"
+    if encoder.image_space == "feature":
+        path = cache_dir / f"{stem}-image-{trunk_key(encoder, 'image')}.safetensors"
+        images = _cached(path, lambda: _encode_images(encoder, split, device, batch, progress))
+    else:
+        images = _pixels(encoder, split, 256, progress)
+    mask = None
+    if encoder.text_space == "feature":
+        path = cache_dir / f"{stem}-text-{trunk_key(encoder, 'text')}.safetensors"
+        texts = _cached(path, lambda: _encode_texts(encoder, split, device, 4 * batch, progress))
+    else:
+        tok = encoder.tokenize(split.captions)
+        texts, mask = tok.ids, tok.mask
+    return RealSplit(
+        name=split.name,
+        images=images,
+        texts=texts,
+        text_mask=mask,
+        caption_image=torch.as_tensor(split.caption_image),
+        captions=list(split.captions),
+    )

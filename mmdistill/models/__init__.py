@@ -1,0 +1,1 @@
+"""Students, trunks and encoders."""

@@ -1,0 +1,205 @@
+"""Encoders: pretrained or random trunks that build fresh students.
+
+An `Encoder` owns the trunks (shared and frozen, or copied fresh into every student when they
+train), the image preprocessing, the tokenizer and the head recipe. Every encoder is built from
+an open_clip model config kept as data in `model_configs/`, so methods see one interface.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch import Tensor, nn
+
+from mmdistill.models.student import Student, TextTrunk, make_head
+from mmdistill.registry import Registry
+
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIGS)
+
+ENCODERS: Registry = Registry("encoder")
+
+
+class OpenClipTextTrunk(TextTrunk):
+    """open_clip's TextTransformer up to pooling; also reads token-embedding sequences."""
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        self.text = text
+        self.token_dim = text.token_embedding.embedding_dim
+        self.out_dim = text.width
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.text.token_embedding(ids)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        t = self.text
+        h = self.embed_tokens(x) if not x.is_floating_point() else x
+        n = h.shape[1]
+        h = h + t.positional_embedding[:n].to(h.dtype)
+        causal = t.attn_mask[:n, :n] if t.attn_mask is not None else None
+        h = t.ln_final(t.transformer(h, attn_mask=causal))
+        # The last real token is the end-of-text token that open_clip pools ("argmax" pooling).
+        last = mask.long().sum(dim=1).clamp(min=1) - 1
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+class OpenClipVisionTrunk(nn.Module):
+    """open_clip's VisionTransformer without its projection."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        visual.proj = None
+        self.visual = visual
+        self.out_dim = visual.transformer.width
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.visual(pixels)
+
+
+@dataclass
+class Tokens:
+    """Token ids and their attention mask, `[N, L]` each."""
+
+    ids: Tensor
+    mask: Tensor
+
+
+class Encoder:
+    """Trunks + preprocessing + tokenizer + head recipe; builds students on demand."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        make_trunks: Callable[[int], tuple[nn.Module, TextTrunk]],
+        preprocess: Callable[[Image.Image], Tensor],
+        tokenize: Callable[[list[str]], Tokens],
+    ) -> None:
+        self.cfg = cfg
+        self.name: str = cfg.name
+        self._make_trunks = make_trunks
+        self.preprocess = preprocess
+        self.tokenize = tokenize
+        self.train_image_trunk: bool = bool(cfg.train_image_trunk)
+        self.train_text_trunk: bool = bool(cfg.train_text_trunk)
+        self.image_trunk, self.text_trunk = make_trunks(cfg.get("seed", 0))
+        for trunk in (self.image_trunk, self.text_trunk):
+            trunk.eval().requires_grad_(False)
+        self.image_dim: int = self.image_trunk.out_dim
+        self.text_dim: int = self.text_trunk.out_dim
+
+    @property
+    def image_space(self) -> str:
+        """'feature' when the image trunk is frozen (cached features), else 'pixel'."""
+        return "pixel" if self.train_image_trunk else "feature"
+
+    @property
+    def text_space(self) -> str:
+        """'feature' (frozen trunk outputs) or 'token' (ids / token embeddings into the trunk)."""
+        return "token" if self.train_text_trunk else "feature"
+
+    def trunks_for_student(self, seed: int) -> tuple[nn.Module | None, TextTrunk | None]:
+        """Fresh trainable trunks (random init or pristine pretrained copies), None if frozen."""
+        if not (self.train_image_trunk or self.train_text_trunk):
+            return None, None
+        if self.cfg.pretrained:
+            image, text = copy.deepcopy(self.image_trunk), copy.deepcopy(self.text_trunk)
+        else:
+            image, text = self._make_trunks(seed)
+        image.requires_grad_(self.train_image_trunk).train(self.train_image_trunk)
+        text.requires_grad_(self.train_text_trunk).train(self.train_text_trunk)
+        freeze_embedding = getattr(text, "freeze_token_embedding", None)
+        if freeze_embedding is not None:
+            freeze_embedding()
+        return (
+            image if self.train_image_trunk else None,
+            text if self.train_text_trunk else None,
+        )
+
+    def new_student(self, seed: int, feature_dropout: float = 0.0) -> Student:
+        """A fresh student: new heads from `seed`, trunks per the encoder's training flags."""
+        torch.manual_seed(seed)
+        image_trunk, text_trunk = self.trunks_for_student(seed)
+        head = self.cfg.head
+        return Student(
+            image_head=make_head(head.image, self.image_dim, head.dim),
+            text_head=make_head(head.text, self.text_dim, head.dim),
+            image_trunk=image_trunk,
+            text_trunk=text_trunk,
+            temperature=float(self.cfg.temperature),
+            feature_dropout=feature_dropout,
+        )
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Frozen-trunk image features (for the feature cache)."""
+        return self.image_trunk(pixels)
+
+    @torch.no_grad()
+    def encode_texts(self, tokens: Tokens) -> Tensor:
+        """Frozen-trunk text features (for the feature cache)."""
+        return self.text_trunk(tokens.ids, tokens.mask)
+
+
+def build_encoder(cfg: DictConfig) -> Encoder:
+    """Build the encoder an `encoder/*.yaml` config names (its `builder` key)."""
+    _import_builders()
+    return ENCODERS.get(cfg.builder)(cfg)
+
+
+def _import_builders() -> None:
+    from mmdistill.models import pretrained  # noqa: F401  (registration side effect)
+
+
+def clip_preprocess(size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    """Resize (bicubic) to a square, to tensor, normalise: the papers' test transform."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class _TinyText(OpenClipTextTrunk):
+    def freeze_token_embedding(self) -> None:
+        # The token table stays fixed so synthetic token embeddings live in a stable space.
+        self.text.token_embedding.requires_grad_(False)
+
+
+@ENCODERS.register("open_clip_scratch")
+def build_open_clip_scratch(cfg: DictConfig) -> Encoder:
+    """A small open_clip model from a config file, random init: the pixel-space path."""
+
+    def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
+        torch.manual_seed(seed)
+        model = open_clip.create_model(cfg.model_config, force_custom_text=True)
+        return OpenClipVisionTrunk(model.visual), _TinyText(model.text)
+
+    tokenizer = open_clip.get_tokenizer(cfg.model_config)
+
+    def tokenize(captions: list[str]) -> Tokens:
+        ids = tokenizer(captions)
+        return Tokens(ids=ids, mask=(ids != 0).long())
+
+    return Encoder(
+        cfg,
+        make_trunks,
+        clip_preprocess(int(cfg.image_size), CLIP_MEAN, CLIP_STD),
+        tokenize,
+    )

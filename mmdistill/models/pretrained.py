@@ -1,0 +1,1 @@
+"""Pretrained encoders (filled in by the pretrained-encoder work)."""
