@@ -1,0 +1,545 @@
+"""`mmdistill table <folder>...`: every results.json below the folders, in the papers' layout.
+
+Rows are methods, split further by every protocol switch that differs between runs (dataset,
+encoder, noise, the student recipe, method hyper-parameters), so results that are not comparable
+never share a row; column groups are budgets (pairs, with the compression ratio when the training
+set size is known); cells are TR/IR@1/5/10 and r_mean as mean±std over every student of every
+seed. Writes table.md, table.csv (one line per row and budget), table.tex and recall_vs_pairs.png,
+and prints one rich table per budget. Unreadable files are skipped with one line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as stdio
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmdistill.errors import UserError
+
+METRICS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
+# Papers' order: coresets, then distillation methods; anything else alphabetically after them.
+METHOD_ORDER = (
+    "random",
+    "herding",
+    "kcenter",
+    "forgetting",
+    "mtt",
+    "mtt_lora",
+    "tesla",
+    "lors",
+    "covmatch",
+)
+FULL = "full data"
+# Recorded protocol fields that do not change the numbers.
+NEUTRAL_PROTOCOL = ("name", "students")
+
+
+@dataclass
+class Result:
+    """One readable results.json: its row identity, budget and per-student recalls."""
+
+    path: Path
+    method: str
+    switches: dict[str, str]
+    budget: tuple[str, float]  # ("pairs", n) | ("ratio", r) | ("full", 0)
+    pairs: int
+    train_pairs: int | None
+    seed: int
+    students: list[dict[str, float]]
+    mtime: float
+
+    @property
+    def row(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return self.method, tuple(sorted(self.switches.items()))
+
+
+@dataclass
+class Cell:
+    """Students of every seed of one row at one budget."""
+
+    results: list[Result] = field(default_factory=list)
+
+    def values(self, metric: str) -> list[float]:
+        return [float(s[metric]) for r in self.results for s in r.students]
+
+    def stat(self, metric: str) -> tuple[float, float]:
+        v = self.values(metric)
+        mean = sum(v) / len(v)
+        return mean, math.sqrt(sum((x - mean) ** 2 for x in v) / len(v))
+
+    @property
+    def pairs(self) -> int:
+        return round(sum(r.pairs for r in self.results) / len(self.results))
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.results})
+
+    @property
+    def n_students(self) -> int:
+        return sum(len(r.students) for r in self.results)
+
+
+@dataclass
+class Table:
+    rows: list[tuple[str, tuple[tuple[str, str], ...]]]
+    budgets: list[tuple[str, float]]
+    cells: dict[tuple, Cell]
+    shared: dict[str, str]
+    varying: list[str]
+    warnings: list[str]
+
+    def label(self, row: tuple) -> str:
+        if row[0] == FULL:
+            return f"{FULL} ({self.cells[(row, ('full', 0))].pairs} pairs)"
+        return row[0]
+
+    def pooling(self) -> str:
+        """How many seeds and students each cell pools, for the table's caption."""
+        shapes = {(len(c.seeds), c.n_students) for c in self.cells.values()}
+        if len(shapes) == 1:
+            seeds, students = shapes.pop()
+            return f"each cell pools {students} students over {seeds} seed(s)"
+        return "cells pool different numbers of seeds/students (see table.csv)"
+
+    def setting(self, row: tuple) -> str:
+        sw = dict(row[1])
+        return ", ".join(f"{k}={sw.get(k, '-')}" for k in self.varying)
+
+    def cell(self, row: tuple, budget: tuple) -> Cell | None:
+        """A full-data row has one cell; it is shown under every budget as the bar to reach."""
+        if row[0] == FULL:
+            return self.cells.get((row, ("full", 0)))
+        return self.cells.get((row, budget))
+
+    def budget_label(self, budget: tuple) -> str:
+        kind, value = budget
+        if kind == "full":
+            return "full data"
+        column = [c for (row, b), c in self.cells.items() if b == budget]
+        if kind == "ratio":
+            pairs = {c.pairs for c in column}
+            extra = f" ({pairs.pop()} pairs)" if len(pairs) == 1 else ""
+            return f"ratio {value:g}{extra}"
+        train = {r.train_pairs for c in column for r in c.results}
+        extra = ""
+        if len(train) == 1 and None not in train:
+            extra = f" ({100 * value / train.pop():.2g}%)"
+        return f"{int(value)} pairs{extra}"
+
+    def best(self, budget: tuple, metric: str) -> float | None:
+        """The highest mean among method rows (full data excluded), for bold face."""
+        means = [
+            self.cells[(row, budget)].stat(metric)[0]
+            for row in self.rows
+            if row[0] != FULL and (row, budget) in self.cells
+        ]
+        return max(means) if len(means) > 1 else None
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+def _method_config(run_dir: Path) -> dict[str, Any]:
+    """The method's hyper-parameters as the run saw them (.hydra/config.yaml), if saved."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return {}
+    import yaml
+    from omegaconf import OmegaConf
+
+    raw = yaml.safe_load(saved.read_text()) or {}
+    method = raw.get("method") or {}
+    try:
+        method = OmegaConf.to_container(OmegaConf.create(raw).method, resolve=True)
+    except Exception:  # an interpolation this process cannot resolve: keep the raw text
+        pass
+    return {k: v for k, v in method.items() if k != "name"}
+
+
+def read_result(path: Path) -> Result:
+    """Parse one results.json; a ValueError says in one line why it cannot be used."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read it ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a results object")
+    students = data.get("students")
+    if not isinstance(students, list) or not students:
+        raise ValueError("no per-student recalls ('students' missing or empty)")
+    for s in students:
+        bad = [m for m in METRICS if not isinstance(s, dict) or not _is_number(s.get(m))]
+        if bad:
+            raise ValueError(f"a student lacks numeric {', '.join(bad)}")
+    for key in ("verb", "method", "pairs", "dataset", "encoder"):
+        if key not in data:
+            raise ValueError(f"'{key}' missing")
+    verb, method = str(data["verb"]), str(data["method"])
+    switches = {"dataset": str(data["dataset"]), "encoder": str(data["encoder"])}
+    noise = data.get("noise") or {"name": "none"}
+    switches["noise"] = str(noise.get("name", "none"))
+    if noise.get("name", "none") != "none":
+        switches["noise"] += f"@{noise.get('ratio')}"
+    protocol = dict(data.get("protocol") or {})
+    if protocol.get("selection", "final") == "final":
+        protocol.pop("eval_every", None)  # only matters when checkpoints are selected
+    for k in NEUTRAL_PROTOCOL:
+        protocol.pop(k, None)
+    _flatten("eval", protocol, switches)
+    if verb == "train":
+        method, budget = FULL, ("full", 0)
+    else:
+        _flatten("method", _method_config(path.parent), switches)
+        if verb != "distill":
+            switches["verb"] = verb
+        b = data.get("budget") or {}
+        ratio = b.get("ratio") if isinstance(b, dict) else None
+        budget = ("ratio", float(ratio)) if ratio is not None else ("pairs", int(data["pairs"]))
+    train_pairs = data.get("train_pairs")
+    return Result(
+        path=path,
+        method=method,
+        switches=switches,
+        budget=budget,
+        pairs=int(data["pairs"]),
+        train_pairs=int(train_pairs) if train_pairs is not None else None,
+        seed=int(data.get("seed", 0)),
+        students=students,
+        mtime=path.stat().st_mtime,
+    )
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def collect(folders: list[Path]) -> tuple[list[Result], list[str]]:
+    """Every readable results.json below the folders, and one line per problem found."""
+    results, problems = [], []
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder; give sweep or run folders")
+        found = sorted(folder.rglob("results.json"))
+        if not found:
+            problems.append(f"warning: no results.json under {folder}")
+        for path in found:
+            try:
+                results.append(read_result(path))
+            except ValueError as err:
+                problems.append(f"skipped {path}: {err}")
+    if not results:
+        where = ", ".join(str(f) for f in folders)
+        raise UserError(
+            f"no readable results.json under {where}; point at sweep or run folders of "
+            "finished `mmdistill distill` / `train` runs"
+        )
+    return results, problems
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    if method == FULL:
+        return len(METHOD_ORDER) + 1, method
+    if method in METHOD_ORDER:
+        return METHOD_ORDER.index(method), method
+    return len(METHOD_ORDER), method
+
+
+def build(results: list[Result], problems: list[str] | None = None) -> Table:
+    """Group results into rows x budgets, drop duplicate seeds, name the switches that vary."""
+    warnings = list(problems or [])
+    by_seed: dict[tuple, Result] = {}
+    for r in sorted(results, key=lambda r: r.mtime):
+        key = (r.row, r.budget, r.seed)
+        if key in by_seed:
+            warnings.append(
+                f"warning: {r.path} repeats {r.method} seed {r.seed} of {by_seed[key].path}; "
+                "using the newer"
+            )
+        by_seed[key] = r
+    cells: dict[tuple, Cell] = defaultdict(Cell)
+    for r in by_seed.values():
+        cells[(r.row, r.budget)].results.append(r)
+    for cell in cells.values():
+        cell.results.sort(key=lambda r: r.seed)
+    rows = sorted(
+        {r.row for r in by_seed.values()}, key=lambda row: (*_method_rank(row[0]), row[1])
+    )
+    keys = sorted({k for row in rows for k, _ in row[1]})
+    shared, varying = {}, []
+    for k in keys:
+        values = {dict(row[1]).get(k, "-") for row in rows}
+        if len(values) == 1:
+            shared[k] = values.pop()
+        else:
+            varying.append(k)
+            warnings.append(
+                f"warning: results differ in {k} ({', '.join(sorted(values))}); kept as "
+                "separate rows, compare only rows that agree"
+            )
+    budgets = sorted({b for (_, b) in cells if b[0] != "full"}) or [("full", 0)]
+    return Table(rows, budgets, dict(cells), shared, varying, warnings)
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def fmt(cell: Cell | None, metric: str) -> str:
+    if cell is None:
+        return "-"
+    mean, std = cell.stat(metric)
+    return f"{mean:.1f}±{std:.1f}"
+
+
+def _is_best(table: Table, row: tuple, budget: tuple, metric: str) -> bool:
+    best = table.best(budget, metric)
+    cell = table.cell(row, budget)
+    return (
+        best is not None
+        and row[0] != FULL
+        and cell is not None
+        and round(cell.stat(metric)[0], 1) == round(best, 1)
+    )
+
+
+def protocol_line(table: Table) -> str:
+    return ", ".join(f"{k}={v}" for k, v in table.shared.items())
+
+
+def markdown(table: Table) -> str:
+    lead = ["Method"] + (["Setting"] if table.varying else [])
+    head, sub = list(lead), [""] * len(lead)
+    for b in table.budgets:
+        head += [table.budget_label(b)] + [""] * (len(METRICS) - 1)
+        sub += list(METRICS)
+    lines = [
+        "# Retrieval recall (%)",
+        "",
+        f"mean±std over students; {table.pooling()}; best method per column in bold.",
+        "",
+        f"Shared protocol: {protocol_line(table)}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        "| " + " | ".join(sub) + " |",
+    ]
+    for row in table.rows:
+        cells = [table.label(row)] + ([table.setting(row)] if table.varying else [])
+        for b in table.budgets:
+            for m in METRICS:
+                text = fmt(table.cell(row, b), m)
+                cells.append(f"**{text}**" if _is_best(table, row, b, m) else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(table: Table) -> str:
+    out = stdio.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    w.writerow(
+        ["method", "setting", "budget", "pairs", "ratio", "seeds", "students", *stats, "protocol"]
+    )
+    for (row, budget), cell in sorted(
+        table.cells.items(), key=lambda kv: (table.rows.index(kv[0][0]), kv[0][1])
+    ):
+        train = {r.train_pairs for r in cell.results}
+        if budget[0] == "ratio":
+            ratio = f"{budget[1]:g}"
+        elif budget[0] == "full":
+            ratio = "1"
+        elif len(train) == 1 and None not in train:
+            ratio = f"{cell.pairs / train.pop():.6g}"
+        else:
+            ratio = ""
+        values = [f"{v:.4f}" for m in METRICS for v in cell.stat(m)]
+        w.writerow(
+            [
+                row[0],
+                table.setting(row),
+                table.budget_label(budget),
+                cell.pairs,
+                ratio,
+                " ".join(map(str, cell.seeds)),
+                cell.n_students,
+                *values,
+                "; ".join(f"{k}={v}" for k, v in row[1]),
+            ]
+        )
+    return out.getvalue()
+
+
+TEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def _tex(s: str) -> str:
+    return re.sub(r"[\\&%$#_{}~^]", lambda m: TEX_ESCAPES[m.group()], s)
+
+
+def latex(table: Table) -> str:
+    n_lead = 2 if table.varying else 1
+    k = len(METRICS)
+    spec = "l" * n_lead + "r" * k * len(table.budgets)
+    lines = [
+        f"% Shared protocol: {_tex(protocol_line(table))}",
+        f"% {_tex(table.pooling())}",
+        f"\\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+    ]
+    groups = " & ".join(
+        f"\\multicolumn{{{k}}}{{c}}{{{_tex(table.budget_label(b))}}}" for b in table.budgets
+    )
+    lines.append("&" * (n_lead - 1) + f" & {groups} \\\\")
+    lines.append(
+        " ".join(
+            f"\\cmidrule(lr){{{n_lead + 1 + i * k}-{n_lead + (i + 1) * k}}}"
+            for i in range(len(table.budgets))
+        )
+    )
+    lead = ["Method"] + (["Setting"] if table.varying else [])
+    metric_head = " & ".join(_tex(m) for m in METRICS)
+    lines.append(" & ".join(lead + [metric_head] * len(table.budgets)) + r" \\")
+    lines.append(r"\midrule")
+    for row in table.rows:
+        if row[0] == FULL:
+            lines.append(r"\midrule")
+        cells = [_tex(table.label(row))] + ([_tex(table.setting(row))] if table.varying else [])
+        for b in table.budgets:
+            for m in METRICS:
+                cell = table.cell(row, b)
+                if cell is None:
+                    cells.append("-")
+                    continue
+                mean, std = cell.stat(m)
+                text = f"{mean:.1f}\\pm{std:.1f}"
+                if _is_best(table, row, b, m):
+                    text = f"\\mathbf{{{text}}}"
+                cells.append(f"${text}$")
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: Table, path: Path) -> None:
+    """r_mean against the number of pairs, one line per row; full data as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs_all = []
+    for row in table.rows:
+        label = table.label(row) + (f" ({table.setting(row)})" if table.varying else "")
+        if row[0] == FULL:
+            cell = table.cells[(row, ("full", 0))]
+            mean, _ = cell.stat("r_mean")
+            ax.axhline(mean, linestyle="--", color="gray", label=label)
+            continue
+        points = sorted(
+            (table.cells[(row, b)].pairs, *table.cells[(row, b)].stat("r_mean"))
+            for b in table.budgets
+            if (row, b) in table.cells
+        )
+        xs = [p[0] for p in points]
+        xs_all += xs
+        ax.errorbar(
+            xs,
+            [p[1] for p in points],
+            yerr=[p[2] for p in points],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+    if xs_all and max(xs_all) >= 4 * min(xs_all):
+        ax.set_xscale("log")
+    ax.set_xlabel("pairs")
+    ax.set_ylabel("r_mean (%)")
+    ax.set_title("Retrieval r_mean vs budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_rich(table: Table) -> None:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(f"shared protocol: {protocol_line(table)}", soft_wrap=True)
+    for b in table.budgets:
+        t = RichTable(title=table.budget_label(b))
+        t.add_column("method")
+        if table.varying:
+            t.add_column("setting")
+        for m in METRICS:
+            t.add_column(m, justify="right", style="bold" if m == "r_mean" else None)
+        for row in table.rows:
+            cell = table.cell(row, b)
+            if cell is None:
+                continue
+            lead = [table.label(row)] + ([table.setting(row)] if table.varying else [])
+            t.add_row(*lead, *(fmt(cell, m) for m in METRICS))
+        console.print(t)
+
+
+def write(table: Table, out: Path) -> list[Path]:
+    from mmdistill import io
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "table.md", out / "table.csv", out / "table.tex", out / "recall_vs_pairs.png"]
+    io.write_text(files[0], markdown(table))
+    io.write_text(files[1], csv_text(table))
+    io.write_text(files[2], latex(table))
+    plot(table, files[3])
+    return files
+
+
+def main(args: list[str]) -> None:
+    ap = argparse.ArgumentParser(
+        prog="mmdistill table",
+        description="Aggregate results.json files below the folders into paper-layout tables.",
+    )
+    ap.add_argument("folders", nargs="+", type=Path, help="sweep or run folders (searched deeply)")
+    ap.add_argument("--out", type=Path, help="where to write the tables (default: first folder)")
+    ns = ap.parse_args(args)
+    results, problems = collect(ns.folders)
+    table = build(results, problems)
+    for line in table.warnings:
+        print(line, file=sys.stderr)
+    print_rich(table)
+    files = write(table, ns.out or ns.folders[0])
+    print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)

@@ -1,0 +1,171 @@
+"""`mmdistill table`: the golden folder's expected table, and bad input one line per problem.
+
+tests/golden/runs holds results.json files (+ .hydra/config.yaml) from a real tiny sweep
+(random and herding x 10/20 pairs x seeds 0/1, two students each, plus a full-data run);
+tests/golden/expected holds the table it must produce, checked by hand once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmdistill import tables
+from mmdistill.errors import UserError
+
+GOLDEN = Path(__file__).parent / "golden"
+RUNS = GOLDEN / "runs"
+
+
+def copy_runs(tmp_path: Path) -> Path:
+    dst = tmp_path / "runs"
+    shutil.copytree(RUNS, dst)
+    return dst
+
+
+def edit(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def csv_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "table.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_golden_folder_gives_the_expected_table(tmp_path: Path) -> None:
+    tables.main([str(RUNS), "--out", str(tmp_path)])
+    for name in ("table.md", "table.csv", "table.tex"):
+        assert (tmp_path / name).read_text() == (GOLDEN / "expected" / name).read_text(), name
+    with Image.open(tmp_path / "recall_vs_pairs.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_cells_pool_every_student_of_every_seed(tmp_path: Path) -> None:
+    tables.main([str(RUNS), "--out", str(tmp_path)])
+    rows = {(r["method"], r["pairs"]): r for r in csv_rows(tmp_path)}
+    for method, pairs in (("random", 10), ("herding", 20)):
+        values = [
+            s["r_mean"]
+            for seed in (0, 1)
+            for s in json.loads(
+                (RUNS / f"{method}-{pairs}-seed{seed}" / "results.json").read_text()
+            )["students"]
+        ]
+        row = rows[(method, str(pairs))]
+        assert row["seeds"] == "0 1" and row["students"] == "4"
+        assert float(row["r_mean_mean"]) == pytest.approx(statistics.mean(values), abs=1e-4)
+        assert float(row["r_mean_std"]) == pytest.approx(statistics.pstdev(values), abs=1e-4)
+    assert rows[("full data", "300")]["ratio"] == "1"
+
+
+def test_cli_prints_and_writes_into_the_first_folder(tmp_path: Path) -> None:
+    runs = copy_runs(tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-m", "mmdistill.cli", "table", str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "herding" in p.stdout and "20 pairs" in p.stdout
+    assert (runs / "table.md").is_file() and (runs / "recall_vs_pairs.png").is_file()
+
+
+def test_no_results_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mmdistill.cli import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["table", str(tmp_path / "empty")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no readable results.json")
+    with pytest.raises(UserError, match="not a folder"):
+        tables.main([str(tmp_path / "missing")])
+
+
+def test_corrupt_files_are_skipped_one_line_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    runs = copy_runs(tmp_path)
+    bad_json = runs / "random-10-seed0" / "results.json"
+    bad_json.write_text(bad_json.read_text()[:200])
+    no_students = runs / "herding-20-seed1" / "results.json"
+    edit(no_students, students=[])
+    nan_metric = runs / "herding-10-seed0" / "results.json"
+    data = json.loads(nan_metric.read_text())
+    del data["students"][0]["IR@5"]
+    nan_metric.write_text(json.dumps(data))
+    (tmp_path / "nothing").mkdir()
+    tables.main([str(runs), str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()
+    skipped = [line for line in err if line.startswith("skipped")]
+    assert len(skipped) == 3
+    assert any(str(bad_json) in s and "not valid JSON" in s for s in skipped)
+    assert any(str(no_students) in s and "students" in s for s in skipped)
+    assert any(str(nan_metric) in s and "IR@5" in s for s in skipped)
+    assert any("no results.json under" in line and "nothing" in line for line in err)
+    rows = {(r["method"], r["pairs"]): r for r in csv_rows(tmp_path / "out")}
+    assert rows[("random", "10")]["seeds"] == "1" and rows[("random", "10")]["students"] == "2"
+    assert rows[("random", "20")]["students"] == "4"  # the readable ones are all there
+    assert rows[("herding", "20")]["seeds"] == "0"
+
+
+def test_mixed_protocols_stay_apart_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    runs = copy_runs(tmp_path)
+    path = runs / "herding-10-seed1" / "results.json"
+    protocol = json.loads(path.read_text())["protocol"]
+    edit(path, protocol={**protocol, "steps": 30})
+    tables.main([str(runs), "--out", str(tmp_path / "out")])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "differ" in line]
+    assert len(warnings) == 1 and "eval.steps" in warnings[0] and "30" in warnings[0]
+    rows = csv_rows(tmp_path / "out")
+    herding = sorted(
+        (r["setting"], r["pairs"], r["seeds"]) for r in rows if r["method"] == "herding"
+    )
+    assert herding == [
+        ("eval.steps=30", "10", "1"),
+        ("eval.steps=5", "10", "0"),
+        ("eval.steps=5", "20", "0 1"),
+    ]
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "| Method | Setting |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| herding | eval.steps=30"))
+    assert line.count(" - ") == len(tables.METRICS)  # no 20-pair result for that protocol
+
+
+def test_method_hyper_parameters_split_rows(tmp_path: Path) -> None:
+    runs = copy_runs(tmp_path)
+    cfg = runs / "random-20-seed1" / ".hydra" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("  name: random\n", "  name: random\n  alpha: 2\n"))
+    table = tables.build(*tables.collect([runs]))
+    assert table.varying == ["method.alpha"]
+    assert sum(row[0] == "random" for row in table.rows) == 2
+
+
+def test_ratio_budgets_and_duplicate_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = copy_runs(tmp_path)
+    for path in runs.glob("*/results.json"):
+        edit(path, train_pairs=300)
+    for seed in (0, 1):
+        path = runs / f"random-20-seed{seed}" / "results.json"
+        edit(path, budget={"pairs": None, "ratio": 0.05}, pairs=15)
+    shutil.copytree(runs / "herding-10-seed0", runs / "again")
+    table = tables.build(*tables.collect([runs]))
+    labels = [table.budget_label(b) for b in table.budgets]
+    assert labels == ["10 pairs (3.3%)", "20 pairs (6.7%)", "ratio 0.05 (15 pairs)"]
+    assert any("repeats herding seed 0" in w for w in table.warnings)
+    herding10 = table.cells[(next(r for r in table.rows if r[0] == "herding"), ("pairs", 10))]
+    assert herding10.n_students == 4  # the duplicate is not counted twice
