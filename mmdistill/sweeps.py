@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 # Overrides that do not change what a job computes, so they do not name its folder.
 NEUTRAL_KEYS = ("device", "resume", "threads")
 SLUG_CHARS = 80
+SUBMITIT = "hydra_plugins.hydra_submitit_launcher"
 
 
 def resolve_budget(budget_cfg: Any, n_train_pairs: int) -> int:
@@ -45,7 +47,7 @@ def resolve_budget(budget_cfg: Any, n_train_pairs: int) -> int:
         ratio = float(ratio)
         if not 0.0 < ratio <= 1.0:
             raise UserError(f"budget.ratio={ratio} must be in (0, 1], a fraction of the pairs")
-        pairs = round(ratio * n_train_pairs)
+        pairs = int(ratio * n_train_pairs + 0.5)  # half up, not Python's half-to-even
         if pairs < 1:
             raise UserError(
                 f"budget.ratio={ratio} of {n_train_pairs} training pairs rounds to 0 pairs; "
@@ -98,14 +100,28 @@ def sweep_name(args: list[str]) -> str:
 
 def job_args(verb: str, args: list[str]) -> list[str]:
     """Command-line overrides as Hydra should see them: stable sweep folder, ratio budgets."""
-    out = list(args)
     given = {_key(a): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
+    launcher = given.get("hydra/launcher", "")
+    if launcher.startswith(("slurm", "submitit")) and not _has_module(SUBMITIT):
+        raise UserError(
+            f"hydra/launcher={launcher} needs the submitit plugin: pip install 'mmdistill[slurm]'"
+        )
+    extra = []
     if verb == "distill" and given.get("budget.ratio", "null") != "null":
         if "budget.pairs" not in given:
-            out.append("budget.pairs=null")  # the ratio replaces the default pair count
+            extra.append("budget.pairs=null")  # the ratio replaces the default pair count
     if any(a in MULTIRUN_FLAGS for a in args) and "hydra.sweep.dir" not in given:
-        out.append(f"hydra.sweep.dir=${{paths.output_dir}}/multirun/{verb}/{sweep_name(args)}")
-    return out
+        extra.append(f"hydra.sweep.dir=${{paths.output_dir}}/multirun/{verb}/{sweep_name(args)}")
+    # Hydra reads overrides as one positional run: insert ours next to the user's.
+    at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    return [*args[:at], *extra, *args[at:]]
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def unfinished_jobs(sweep_dir: Path) -> list[tuple[Path, str]]:

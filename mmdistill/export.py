@@ -1,0 +1,246 @@
+"""`mmdistill export <run folder>`: what a distilled set looks like, as files a person can open.
+
+* `grid.png`: the distilled images, de-normalised with the encoder's mean/std (pixel space).
+  In feature space there are no pixels, so `grid_nearest.png` shows, row by row, the nearest
+  real training images (cosine) of each synthetic image feature, and `grid_nearest.txt` names
+  them with their similarity.
+* `captions.txt`: the nearest real training caption of each synthetic text, by cosine between
+  text features (feature space) or mean token embeddings (token space).
+* `similarity.png`: the learned target similarity / correspondence matrix, when the set has one.
+
+The distill job calls `export_run` at its end with what it already holds; the command rebuilds
+the training split from the run's saved config (features come from the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch import Tensor
+
+from mmdistill import io
+from mmdistill.data.base import ImageTextSplit
+from mmdistill.data.features import RealSplit
+from mmdistill.errors import UserError
+from mmdistill.models.encoders import CLIP_MEAN, CLIP_STD, Encoder
+from mmdistill.pairs import PairSet
+
+THUMB = 96  # pixels per nearest-image thumbnail
+MIN_TILE = 64  # distilled images smaller than this are shown enlarged by an integer factor
+
+
+def load_config(run_dir: Path) -> DictConfig:
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run_dir} has no .hydra/config.yaml; point export at a run folder")
+    return OmegaConf.load(saved)
+
+
+def image_grid(images: Tensor, nrow: int, pad: int = 2) -> Image.Image:
+    """`[N,3,H,W]` values in [0,1] tiled row-major on a white canvas."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    canvas = torch.ones(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[:, y : y + h, x : x + w] = images[i]
+    array = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def denormalise(pixels: Tensor, encoder_cfg: DictConfig) -> Tensor:
+    """Undo the encoder's Normalize(mean, std): back to [0,1] RGB."""
+    mean = torch.tensor(list(encoder_cfg.get("image_mean") or CLIP_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(list(encoder_cfg.get("image_std") or CLIP_STD)).view(1, 3, 1, 1)
+    return (pixels.float() * std + mean).clamp(0, 1)
+
+
+def _thumb(image: Image.Image) -> Tensor:
+    im = image.convert("RGB").resize((THUMB, THUMB), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1) / 255.0
+
+
+def nearest(queries: Tensor, keys: Tensor, k: int, block: int = 4096) -> tuple[Tensor, Tensor]:
+    """Top-k cosine similarities and indices of each query among the keys (keys in blocks)."""
+    q = F.normalize(queries.float(), dim=-1)
+    best_s = torch.full((len(q), 0), -2.0)
+    best_i = torch.zeros((len(q), 0), dtype=torch.long)
+    for s in range(0, len(keys), block):
+        sims = q @ F.normalize(keys[s : s + block].float(), dim=-1).T
+        all_s = torch.cat([best_s, sims], dim=1)
+        all_i = torch.cat([best_i, torch.arange(s, s + sims.shape[1]).expand(len(q), -1)], dim=1)
+        top = all_s.topk(min(k, all_s.shape[1]), dim=1)
+        best_s, best_i = top.values, all_i.gather(1, top.indices)
+    return best_s, best_i
+
+
+@torch.no_grad()
+def text_vectors(texts: Tensor, mask: Tensor | None, encoder: Encoder | None) -> Tensor:
+    """One vector per text: features as they are, token ids/embeddings as masked mean embedding."""
+    if texts.is_floating_point() and texts.dim() == 2:
+        return texts.float()
+    if encoder is None:
+        raise UserError("token-space texts need the encoder to embed them")
+    out = []
+    for s in range(0, len(texts), 1024):
+        t = texts[s : s + 1024]
+        emb = encoder.text_trunk.embed_tokens(t) if not t.is_floating_point() else t.float()
+        m = torch.ones(emb.shape[:2]) if mask is None else mask[s : s + 1024].float()
+        out.append((emb * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1))
+    return torch.cat(out)
+
+
+def _real_train(
+    cfg: DictConfig, run_dir: Path, device: str
+) -> tuple[Encoder, RealSplit, ImageTextSplit]:
+    """Rebuild the run's training split (noise included) the way the distill job read it."""
+    from mmdistill.data import build_dataset
+    from mmdistill.data.features import real_split
+    from mmdistill.data.noise import apply_noise
+    from mmdistill.models.encoders import build_encoder
+
+    data = apply_noise(build_dataset(cfg.dataset), cfg.noise, run_dir)
+    encoder = build_encoder(cfg.encoder)
+    train = real_split(encoder, data.split("train"), data.name, Path(cfg.paths.cache_dir), device)
+    return encoder, train, data.split("train")
+
+
+def export_run(
+    run_dir: Path,
+    cfg: DictConfig | None = None,
+    pairs: PairSet | None = None,
+    encoder: Encoder | None = None,
+    train: RealSplit | None = None,
+    train_images: ImageTextSplit | None = None,
+    out: Path | None = None,
+    max_images: int = 64,
+    neighbours: int = 3,
+    device: str = "cpu",
+) -> list[Path]:
+    """Write the image grid, nearest captions and similarity heat-map of a distill run folder."""
+    run_dir = Path(run_dir)
+    out = Path(out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg if cfg is not None else load_config(run_dir)
+    if pairs is None:
+        if not (run_dir / "distilled.safetensors").is_file():
+            raise UserError(
+                f"{run_dir} holds no distilled.safetensors; export reads a distill run folder"
+            )
+        pairs = PairSet.load(run_dir / "distilled")
+    if max_images < 1:
+        raise UserError(f"--max {max_images}: show at least one image")
+    if train is None:
+        encoder, train, train_images = _real_train(cfg, run_dir, device)
+    elif encoder is None and not (pairs.texts.is_floating_point() and pairs.texts.dim() == 2):
+        from mmdistill.models.encoders import build_encoder
+
+        encoder = build_encoder(cfg.encoder)  # token-space texts are compared as embeddings
+    written = []
+    images = pairs.images[:max_images]
+    if images.dim() == 4:
+        pixels = denormalise(images, cfg.encoder)
+        scale = max(1, MIN_TILE // pixels.shape[-1])  # small images are enlarged, pixel for pixel
+        pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        grid = image_grid(pixels, math.ceil(math.sqrt(len(pixels))))
+        grid.save(out / "grid.png")
+        written.append(out / "grid.png")
+    else:
+        written += _nearest_images(cfg, images, train, train_images, out, neighbours)
+    written.append(_captions(pairs, train, encoder, out))
+    if pairs.similarity is not None:
+        written.append(_heatmap(pairs, out, max_images * 4))
+    return written
+
+
+def _nearest_images(
+    cfg: DictConfig,
+    features: Tensor,
+    train: RealSplit,
+    train_images: ImageTextSplit | None,
+    out: Path,
+    k: int,
+) -> list[Path]:
+    if train_images is None:
+        from mmdistill.data import build_dataset
+
+        train_images = build_dataset(cfg.dataset).split("train")
+    sims, idx = nearest(features, train.images, k)
+    tiles, lines = [], []
+    ids = train_images.rows["image_id"]
+    for i in range(len(features)):
+        row = [int(j) for j in idx[i]]
+        tiles += [_thumb(train_images.image(j)) for j in row]
+        named = " ".join(f"{ids[j]}({s:.3f})" for j, s in zip(row, sims[i].tolist(), strict=True))
+        lines.append(f"{i}\t{named}")
+    grid = image_grid(torch.stack(tiles), idx.shape[1])
+    grid.save(out / "grid_nearest.png")
+    io.write_text(out / "grid_nearest.txt", "\n".join(lines) + "\n")
+    return [out / "grid_nearest.png", out / "grid_nearest.txt"]
+
+
+def _captions(pairs: PairSet, train: RealSplit, encoder: Encoder | None, out: Path) -> Path:
+    syn = text_vectors(pairs.texts, pairs.text_mask, encoder)
+    real = text_vectors(train.texts, train.text_mask, encoder)
+    sims, idx = nearest(syn, real, 1)
+    lines = [
+        f"{i}\t{sims[i, 0].item():.3f}\t{train.captions[int(idx[i, 0])]}" for i in range(len(syn))
+    ]
+    io.write_text(out / "captions.txt", "\n".join(lines) + "\n")
+    return out / "captions.txt"
+
+
+@torch.no_grad()
+def _heatmap(pairs: PairSet, out: Path, limit: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(len(pairs), limit)
+    sim = pairs.similarity.cpu()
+    matrix = sim(torch.arange(n)).float().numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    bound = float(abs(matrix).max()) or 1.0
+    shown = ax.imshow(matrix, cmap="coolwarm", vmin=-bound, vmax=bound, interpolation="nearest")
+    fig.colorbar(shown, ax=ax)
+    kind = pairs.similarity_args.get("kind", "learned")
+    ax.set_title(f"{kind} target similarity, pairs 0-{n - 1} of {len(pairs)}")
+    ax.set_xlabel("text")
+    ax.set_ylabel("image")
+    fig.tight_layout()
+    fig.savefig(out / "similarity.png", dpi=120)
+    plt.close(fig)
+    return out / "similarity.png"
+
+
+def main(args: list[str]) -> None:
+    ap = argparse.ArgumentParser(
+        prog="mmdistill export",
+        description="Image grid, nearest real captions and similarity heat-map of a distill run.",
+    )
+    ap.add_argument("run", type=Path, help="a distill run folder")
+    ap.add_argument("--out", type=Path, help="where to write (default: the run folder)")
+    ap.add_argument("--max", type=int, default=64, help="images in the grid (default 64)")
+    ap.add_argument("--neighbours", type=int, default=3, help="real images per feature row")
+    ap.add_argument("--device", default="cpu", help="for encoding uncached features")
+    ns = ap.parse_args(args)
+    if not ns.run.is_dir():
+        raise UserError(f"{ns.run} is not a folder; give a distill run folder")
+    from mmdistill.cli import _register_resolvers
+
+    _register_resolvers()
+    files = export_run(
+        ns.run, out=ns.out, max_images=ns.max, neighbours=ns.neighbours, device=ns.device
+    )
+    for f in files:
+        print(f, file=sys.stderr)

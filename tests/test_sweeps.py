@@ -1,0 +1,184 @@
+"""Sweeps: ratio budgets, stable sweep folders, kill + relaunch, parallel jobs, failure list."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from mmdistill import io
+from mmdistill.errors import UserError
+from mmdistill.sweeps import claim_slot, job_args, resolve_budget, sweep_name
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "dataset.split_sizes=[60,20,20]",
+    "eval.students=1",
+    "eval.steps=5",
+    "device=cpu",
+]
+
+
+def budget(**kv: object) -> object:
+    return OmegaConf.create({"pairs": None, "ratio": None, **kv})
+
+
+def cli(*args: str, outputs: Path) -> list[str]:
+    return [sys.executable, "-m", "mmdistill.cli", *args]
+
+
+def run(*args: str, outputs: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MMDISTILL_OUTPUTS": str(outputs)}
+    return subprocess.run(
+        cli(*args, outputs=outputs), capture_output=True, text=True, cwd=REPO, env=env,
+        timeout=600,
+    )  # fmt: skip
+
+
+def jobs(outputs: Path) -> dict[str, Path]:
+    """Job folders of every sweep under outputs, by their budget."""
+    found = {}
+    for saved in outputs.rglob(".hydra/overrides.yaml"):
+        pairs = [o for o in OmegaConf.load(saved) if o.startswith("budget.pairs=")]
+        found[pairs[0].split("=")[1]] = saved.parent.parent
+    return found
+
+
+def test_resolve_budget_pairs_and_ratio() -> None:
+    assert resolve_budget(budget(pairs=100), 3500) == 100
+    assert resolve_budget(budget(ratio=0.003), 3500) == 11  # 10.5 rounds half up
+    assert resolve_budget(budget(ratio=0.1), 300) == 30
+    assert resolve_budget(budget(ratio=1.0), 300) == 300
+    bad = [
+        (budget(pairs=100, ratio=0.01), "both set"),
+        (budget(), "set budget.pairs"),
+        (budget(ratio=0.0), "must be in (0, 1]"),
+        (budget(ratio=1.5), "must be in (0, 1]"),
+        (budget(ratio=0.001), "rounds to 0 pairs"),
+        (budget(pairs=0), "must be positive"),
+        (budget(pairs=301), "larger than the training set"),
+    ]
+    for cfg, message in bad:
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace("]", r"\]")):
+            resolve_budget(cfg, 300)
+
+
+def test_sweep_folder_depends_only_on_the_job_set() -> None:
+    a = sweep_name(["method=random,lors", "budget.pairs=100,200", "seed=0,1"])
+    b = sweep_name(["seed=1,0", "budget.pairs=200,100", "method=lors,random", "device=cpu"])
+    assert a == b and a.startswith("budget.pairs_100-200__method_lors-random__seed_0-1-")
+    assert sweep_name(["method=random", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]) == (
+        sweep_name(["method=random", "threads=1"])
+    )
+    assert sweep_name(["method=random"]) != sweep_name(["method=random", "debug=tiny"])
+    assert sweep_name(["dataset.split_sizes=[60,20,20]"]) != sweep_name(
+        ["dataset.split_sizes=[20,60,20]"]
+    )
+    long = sweep_name([f"method.k{i}=1,2,3" for i in range(50)])
+    assert len(long) < 100  # a readable prefix plus a hash, within file-name limits
+
+
+def test_job_args() -> None:
+    args = job_args("distill", ["-m", "method=random,herding", "--cfg", "job"])
+    assert args[:2] == ["-m", "hydra.sweep.dir=${paths.output_dir}/multirun/distill/" +
+                        sweep_name(["method=random,herding"])]  # fmt: skip
+    assert args[2:] == ["method=random,herding", "--cfg", "job"]
+    assert job_args("distill", ["method=random"]) == ["method=random"]
+    mine = ["-m", "method=random", "hydra.sweep.dir=/x"]
+    assert job_args("distill", mine) == mine
+    assert "budget.pairs=null" in job_args("distill", ["budget.ratio=0.01"])
+    both = job_args("distill", ["budget.ratio=0.01", "budget.pairs=5"])
+    assert both == ["budget.ratio=0.01", "budget.pairs=5"]  # resolve_budget refuses it later
+    assert job_args("train", ["-m", "seed=0,1"])[1].endswith("/multirun/train/" +
+                                                            sweep_name(["seed=0,1"]))  # fmt: skip
+
+
+def test_ratio_and_threads_compose(tmp_path: Path) -> None:
+    p = run("distill", "budget.ratio=0.01", "threads=1", "--cfg", "job", outputs=tmp_path)
+    assert p.returncode == 0, p.stderr
+    cfg = OmegaConf.create(p.stdout)
+    assert cfg.budget.pairs is None and cfg.budget.ratio == 0.01 and cfg.threads == 1
+
+
+def test_claim_slot_gives_each_live_process_its_own(tmp_path: Path) -> None:
+    assert claim_slot(tmp_path, 2) == 0
+    (tmp_path / "slot0").write_text(str(os.getppid()))  # held by a live process
+    assert claim_slot(tmp_path / "other", 2) == 0
+    assert claim_slot(tmp_path, 2) == 1
+    (tmp_path / "slot1").write_text("999999999")  # its process is gone: reclaimed
+    assert claim_slot(tmp_path, 2) == 1
+
+
+def test_killed_sweep_relaunch_runs_only_the_unfinished_jobs(tmp_path: Path) -> None:
+    sweep = ["distill", "-m", *TINY, "budget.pairs=6,8,10"]
+    env = {**os.environ, "MMDISTILL_OUTPUTS": str(tmp_path)}
+    proc = subprocess.Popen(
+        cli(*sweep, outputs=tmp_path), cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    # Kill it while its second job runs: one job done, one interrupted, one never started.
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        state = [(j / "done").is_file() for j in jobs(tmp_path).values()]
+        if any(state) and not all(state):
+            time.sleep(0.5)
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {k: (j / "done").is_file() for k, j in jobs(tmp_path).items()}
+    assert sum(before.values()) == 1 and len(before) == 2, before
+    finished = next(k for k, d in before.items() if d)
+    interrupted = next(k for k, d in before.items() if not d)
+    started = (jobs(tmp_path)[interrupted] / "meta.json").is_file()
+    meta_before = (jobs(tmp_path)[finished] / "meta.json").read_text()
+
+    # Same sweep, overrides in another order: it finds the same folders.
+    p = run("distill", "budget.pairs=10,6,8", *reversed(TINY), "-m", outputs=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "already done, skipped" in p.stderr and "3/3 jobs done" in p.stderr
+    after = jobs(tmp_path)
+    assert sorted(after) == ["10", "6", "8"] and all((j / "done").is_file() for j in after.values())
+    assert len(list((tmp_path / "multirun" / "distill").iterdir())) == 1  # one sweep folder
+    assert (after[finished] / "meta.json").read_text() == meta_before  # not run again
+    assert all(io.read_json(j / "meta.json")["status"] == "done" for j in after.values())
+    if started:  # the interrupted job resumed in its own folder
+        assert io.read_json(after[interrupted] / "meta.json").get("resumed") == 1
+
+
+def test_parallel_sweep_lists_failures_and_limits_threads(tmp_path: Path) -> None:
+    p = run(
+        "distill", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
+        "budget.pairs=6,100000", outputs=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 1, p.stderr
+    tail = p.stderr[p.stderr.index("jobs done") :]
+    assert "1/2 jobs done" in p.stderr and "1 job(s) did not finish" in tail
+    assert "budget.pairs=100000" in tail and "larger than the training set" in tail
+    found = jobs(tmp_path)
+    assert (found["6"] / "done").is_file() and not (found["100000"] / "done").exists()
+    assert io.read_json(found["100000"] / "meta.json")["status"] == "failed"
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert f"torch threads: {threads}" in (found["6"] / "cli.log").read_text()
+
+
+def test_slurm_launcher_config() -> None:
+    env = dict(os.environ)
+    p = subprocess.run(
+        [sys.executable, "-m", "mmdistill.cli", "distill", "hydra/launcher=slurm", "--cfg",
+         "hydra"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        assert p.returncode == 2 and "pip install 'mmdistill[slurm]'" in p.stderr
+        pytest.skip("hydra-submitit-launcher not installed (pip install 'mmdistill[slurm]')")
+    assert p.returncode == 0, p.stderr
+    launcher = OmegaConf.create(p.stdout).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 1
