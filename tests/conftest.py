@@ -1,0 +1,33 @@
+"""Shared fixtures: an isolated cache/output dir per test session, and the real-data path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def flickr8k_root() -> Path:
+    env = os.environ.get("MMDISTILL_FLICKR8K")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "flickr8k-1k"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The shared flickr8k-1k benchmark data; tests using it skip where it is absent."""
+    root = flickr8k_root()
+    if not (root / "captions.txt").is_file():
+        pytest.skip(f"real data not found at {root} (set MMDISTILL_FLICKR8K)")
+    return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_outputs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runs write to a temp folder; the feature cache is shared across the session."""
+    os.environ.setdefault("MMDISTILL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    os.environ["MMDISTILL_OUTPUTS"] = str(tmp_path_factory.mktemp("outputs"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
