@@ -2,9 +2,11 @@
 
     python scripts/bench_sweep.py --methods random,herding,kcenter --budgets 10,20,40 --seeds 0,1
 
-Each launch writes into its own fresh output folder (so nothing is skipped as `done`), and the
-two launchers alternate `--repeats` times; the machine's load average is recorded with each time
-because CPU figures are only comparable side by side on an otherwise idle machine.
+Variants: `sequential` (Hydra's basic launcher, torch's default thread count), `sequential1`
+(the same with threads=1) and `joblib` (--workers processes; the sweep callback gives each
+cores / workers torch threads). Each launch writes into its own fresh output folder (so nothing
+is skipped as `done`), and the variants alternate `--repeats` times; the machine's load average
+is recorded with each time because CPU figures are only comparable side by side.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--variants", default="sequential,sequential1,joblib")
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every job")
     ap.add_argument("--json", type=Path, help="also write the measurements here")
     args = ap.parse_args()
@@ -59,28 +62,41 @@ def main() -> None:
         f"seed={args.seeds}",
         *args.extra,
     ]
-    n_jobs = len(args.methods.split(",")) * len(args.budgets.split(",")) * len(
-        args.seeds.split(",")
+    n_jobs = (
+        len(args.methods.split(",")) * len(args.budgets.split(",")) * len(args.seeds.split(","))
     )
     cache = Path(tempfile.mkdtemp(prefix="bench-sweep-cache-"))
-    parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.workers}"]
+    variants = {
+        "sequential": ([], 1),
+        "sequential1": (["threads=1"], 1),
+        "joblib": (
+            ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.workers}"],
+            args.workers,
+        ),
+    }
+    chosen = args.variants.split(",")
     rows = []
     for _ in range(args.repeats):
-        for label, extra in (("sequential", []), ("joblib", parallel)):
-            row = launch(label, extra, sweep, cache, 1 if label == "sequential" else args.workers)
+        for label in chosen:
+            extra, workers = variants[label]
+            row = launch(label, extra, sweep, cache, workers)
             row["jobs"] = n_jobs
             rows.append(row)
             print(json.dumps(row), flush=True)
-    seq = sorted(r["wall_s"] for r in rows if r["launcher"] == "sequential")
-    par = sorted(r["wall_s"] for r in rows if r["launcher"] == "joblib")
+    median = {}
+    for label in chosen:
+        times = sorted(r["wall_s"] for r in rows if r["launcher"] == label)
+        median[label] = times[len(times) // 2]
     summary = {
         "sweep": " ".join(sweep),
         "cores": os.cpu_count(),
-        "sequential_median_s": seq[len(seq) // 2],
-        "joblib_median_s": par[len(par) // 2],
-        "ratio": round(par[len(par) // 2] / seq[len(seq) // 2], 3),
+        "median_wall_s": median,
         "all_jobs_done": all(r["jobs_done"] == n_jobs and r["rc"] == 0 for r in rows),
     }
+    if "joblib" in median:
+        for label in chosen:
+            if label != "joblib":
+                summary[f"joblib_over_{label}"] = round(median["joblib"] / median[label], 3)
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps({"runs": rows, "summary": summary}, indent=2) + "\n")
