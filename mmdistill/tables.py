@@ -324,14 +324,14 @@ def protocol_line(table: Table) -> str:
     return ", ".join(f"{k}={v}" for k, v in table.shared.items())
 
 
-def markdown(table: Table) -> str:
+def markdown(table: Table, heading: str = "#") -> str:
     lead = ["Method"] + (["Setting"] if table.varying else [])
     head, sub = list(lead), [""] * len(lead)
     for b in table.budgets:
         head += [table.budget_label(b)] + [""] * (len(METRICS) - 1)
         sub += list(METRICS)
     lines = [
-        "# Retrieval recall (%)",
+        f"{heading} Retrieval recall (%)",
         "",
         f"mean±std over students; {table.pooling()}; best method per column in bold.",
         "",
@@ -528,6 +528,22 @@ def write(table: Table, out: Path) -> list[Path]:
     return files
 
 
+def update_section(doc: Path, name: str, text: str) -> None:
+    """Replace the generated section `name` of a Markdown document (appended if absent)."""
+    from mmdistill import io
+
+    begin = f"<!-- BEGIN generated: {name} (mmdistill table --into; edits here are replaced) -->"
+    end = f"<!-- END generated: {name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = doc.read_text() if doc.is_file() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    io.write_text(doc, new)
+
+
 def main(args: list[str]) -> None:
     ap = argparse.ArgumentParser(
         prog="mmdistill table",
@@ -535,6 +551,10 @@ def main(args: list[str]) -> None:
     )
     ap.add_argument("folders", nargs="+", type=Path, help="sweep or run folders (searched deeply)")
     ap.add_argument("--out", type=Path, help="where to write the tables (default: first folder)")
+    ap.add_argument(
+        "--into", type=Path, help="also put the Markdown table into this document (a section)"
+    )
+    ap.add_argument("--section", default="results", help="the section's name for --into")
     ns = ap.parse_args(args)
     results, problems = collect(ns.folders)
     table = build(results, problems)
@@ -542,4 +562,7 @@ def main(args: list[str]) -> None:
         print(line, file=sys.stderr)
     print_rich(table)
     files = write(table, ns.out or ns.folders[0])
+    if ns.into:
+        update_section(ns.into, ns.section, markdown(table, heading="###"))
+        files.append(ns.into)
     print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)

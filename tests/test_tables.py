@@ -169,3 +169,16 @@ def test_ratio_budgets_and_duplicate_seeds(tmp_path: Path, capsys: pytest.Captur
     assert any("repeats herding seed 0" in w for w in table.warnings)
     herding10 = table.cells[(next(r for r in table.rows if r[0] == "herding"), ("pairs", 10))]
     assert herding10.n_students == 4  # the duplicate is not counted twice
+
+
+def test_into_replaces_only_its_generated_section(tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nHand-written intro.\n")
+    tables.main([str(RUNS), "--out", str(tmp_path), "--into", str(doc), "--section", "f8k"])
+    first = doc.read_text()
+    assert first.startswith("# Results\n\nHand-written intro.\n")
+    assert first.count("BEGIN generated: f8k") == 1 and "### Retrieval recall" in first
+    doc.write_text(first + "\nHand-written outro.\n")
+    tables.main([str(RUNS), "--out", str(tmp_path), "--into", str(doc), "--section", "f8k"])
+    again = doc.read_text()
+    assert again == first + "\nHand-written outro.\n"  # replaced in place, nothing duplicated
