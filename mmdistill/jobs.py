@@ -216,8 +216,9 @@ def _check_compatible(pairs: PairSet, prep: Prepared) -> None:
     got_img = pairs.images.shape[1:]
     if tuple(got_img) != tuple(want_img):
         raise UserError(
-            f"the distilled images have shape {list(got_img)} but encoder {prep.encoder.name} reads "
-            f"{list(want_img)}; evaluate with the encoder it was distilled for (encoder=...)"
+            f"the distilled images have shape {list(got_img)} but encoder "
+            f"{prep.encoder.name} reads {list(want_img)}; "
+            "evaluate with the encoder it was distilled for (encoder=...)"
         )
     if want_txt is not None and tuple(pairs.texts.shape[1:]) != tuple(want_txt):
         raise UserError(

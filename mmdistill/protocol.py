@@ -57,7 +57,8 @@ def _param_groups(student: Student, cfg: DictConfig, pairs: PairSet) -> list[dic
     learned = str(cfg.lr) == "learned"
     if learned and not pairs.step_sizes:
         raise UserError(
-            "eval.lr=learned but this pair set has no learned step sizes; use a number (eval.lr=1e-3)"
+            "eval.lr=learned but this pair set has no learned step sizes; "
+            "use a number (eval.lr=1e-3)"
         )
     groups = []
     for branch, modules in (

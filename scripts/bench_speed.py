@@ -65,7 +65,7 @@ def main() -> None:
             cache_walls, data_times, warm_walls = [], [], []
             for i in range(a.repeats):
                 cache = tmp / f"flickr-{i}"
-                # One short student: the row measures reading + encoding 1,000 images, 5,000 captions.
+                # One short student: this row measures reading + encoding the data.
                 wall, timings = timed_run(
                     ["distill", *FLICKR, "eval.students=1", "eval.steps=1"], cache, tmp / "out"
                 )
@@ -78,7 +78,8 @@ def main() -> None:
                 (
                     "flickr8k-1k feature caching (data stage, cold)",
                     data,
-                    f"target <= 120 s; {1000 / data:.1f} images/s + {5000 / data:.1f} captions/s together",
+                    f"target <= 120 s; {1000 / data:.1f} images/s "
+                    f"+ {5000 / data:.1f} captions/s together",
                 )
             )
             rows.append(

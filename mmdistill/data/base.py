@@ -107,7 +107,7 @@ def split_from_records(
     for iid, caps in zip(image_ids, captions, strict=True):
         if not caps or any(not isinstance(c, str) or not c.strip() for c in caps):
             raise UserError(f"image {iid!r} in split {name!r} has an empty caption; fix the file")
-    parts = fingerprint_parts or [f"{i}:{'|'.join(c)}" for i, c in zip(image_ids, captions)]
+    parts = fingerprint_parts or list(image_ids)
     digest = hashlib.sha1()
     for p in parts:
         digest.update(p.encode())
