@@ -114,6 +114,15 @@ def _job_app(verb: str) -> Callable[[], None]:
                 return
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except Exception as err:
+            if hc.mode != RunMode.MULTIRUN:
+                raise
+            # One crashing job must not stop the sweep; it is listed when the sweep ends.
+            logging.getLogger("mmdistill").exception("job failed")
+            _record_failure(run_dir, f"{type(err).__name__}: {err}")
+            console.print(
+                f"[red]job failed[/red] ({run_dir}): {type(err).__name__}: {err}", soft_wrap=True
+            )
 
     return app
 
@@ -140,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if verb in JOB_VERBS:
             check_choices(args, conf_dir())
-            args = resume_args(args)
+            from mmdistill.sweeps import job_args
+
+            args = job_args(verb, resume_args(args))
             _register_resolvers()
             sys.argv = [f"mmdistill-{verb}", *args]
             _job_app(verb)()

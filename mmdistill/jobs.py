@@ -17,14 +17,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmdistill import io, report
-from mmdistill.data import build_dataset
+from mmdistill.data import ImageTextSet, build_dataset
 from mmdistill.data.features import RealSplit, real_split
 from mmdistill.errors import UserError
+from mmdistill.export import export_run
 from mmdistill.methods import DistillContext, get_method
 from mmdistill.models.encoders import Encoder, build_encoder
 from mmdistill.pairs import PairSet
 from mmdistill.protocol import run_protocol
 from mmdistill.runs import Run
+from mmdistill.sweeps import resolve_budget
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -57,7 +59,7 @@ class Prepared:
     train: RealSplit
     val: RealSplit
     test: RealSplit
-    dataset_fingerprint: str
+    data: ImageTextSet
 
 
 def prepare(cfg: DictConfig, device: str, run: Run, progress: Progress) -> Prepared:
@@ -79,23 +81,7 @@ def prepare(cfg: DictConfig, device: str, run: Run, progress: Progress) -> Prepa
             )
             for s in ("train", "val", "test")
         }
-    return Prepared(encoder, splits["train"], splits["val"], splits["test"], data.fingerprint)
-
-
-def budget_pairs(cfg: DictConfig, n_train_pairs: int) -> int:
-    """The number of pairs to produce, checked against the data."""
-    pairs = cfg.budget.get("pairs")
-    if pairs is None:
-        raise UserError("set budget.pairs (e.g. budget.pairs=100)")
-    pairs = int(pairs)
-    if pairs <= 0:
-        raise UserError(f"budget.pairs={pairs} must be positive")
-    if pairs > n_train_pairs:
-        raise UserError(
-            f"budget.pairs={pairs} is larger than the training set ({n_train_pairs} pairs); "
-            f"lower budget.pairs or use a larger dataset"
-        )
-    return pairs
+    return Prepared(encoder, splits["train"], splits["val"], splits["test"], data)
 
 
 def _evaluate_pairs(
@@ -141,7 +127,7 @@ def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
     run = Run(run_dir, "distill", device, int(cfg.seed))
     with progress_bar() as progress:
         prep = prepare(cfg, device, run, progress)
-        n = budget_pairs(cfg, prep.train.n_pairs)
+        n = resolve_budget(cfg.budget, prep.train.n_pairs)
         method = get_method(cfg.method.name)(cfg.method)
         distilled = run.path / "distilled"
         if distilled.with_suffix(".safetensors").is_file():
@@ -166,6 +152,8 @@ def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
         device,
         f"{cfg.method.name} · {len(pairs)} pairs · {cfg.dataset.name}",
     )
+    with run.timed("export"):
+        export_run(run.path, cfg, pairs, prep.encoder, prep.train, prep.data.train, device=device)
     run.mark_done()
 
 
