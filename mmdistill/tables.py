@@ -93,8 +93,10 @@ class Table:
     rows: list[tuple[str, tuple[tuple[str, str], ...]]]
     budgets: list[tuple[str, float]]
     cells: dict[tuple, Cell]
-    shared: dict[str, str]
-    varying: list[str]
+    shared: dict[str, str]  # protocol switches every row agrees on
+    varying: list[str]  # protocol switches that differ between rows
+    method_shared: dict[str, dict[str, str]]  # per method: hyper-parameters its rows agree on
+    method_varying: dict[str, list[str]]  # per method: hyper-parameters that differ
     warnings: list[str]
 
     def label(self, row: tuple) -> str:
@@ -112,7 +114,12 @@ class Table:
 
     def setting(self, row: tuple) -> str:
         sw = dict(row[1])
-        return ", ".join(f"{k}={sw.get(k, '-')}" for k in self.varying)
+        keys = self.varying + self.method_varying.get(row[0], [])
+        return ", ".join(f"{k}={sw.get(k, '-')}" for k in keys)
+
+    @property
+    def has_setting(self) -> bool:
+        return bool(self.varying or any(self.method_varying.values()))
 
     def cell(self, row: tuple, budget: tuple) -> Cell | None:
         """A full-data row has one cell; it is shown under every budget as the bar to reach."""
@@ -283,7 +290,34 @@ def build(results: list[Result], problems: list[str] | None = None) -> Table:
     rows = sorted(
         {r.row for r in by_seed.values()}, key=lambda row: (*_method_rank(row[0]), row[1])
     )
-    keys = sorted({k for row in rows for k, _ in row[1]})
+    shared, varying = _split_switches(rows, lambda k: not k.startswith("method."))
+    for k in varying:
+        values = sorted({dict(row[1]).get(k, "-") for row in rows})
+        warnings.append(
+            f"warning: results differ in {k} ({', '.join(values)}); kept as separate rows, "
+            "compare only rows that agree"
+        )
+    # Methods have different hyper-parameters: compare them only among one method's rows.
+    method_shared, method_varying = {}, {}
+    for method in dict.fromkeys(row[0] for row in rows):
+        mine = [row for row in rows if row[0] == method]
+        method_shared[method], method_varying[method] = _split_switches(
+            mine, lambda k: k.startswith("method.")
+        )
+        for k in method_varying[method]:
+            values = sorted({dict(row[1]).get(k, "-") for row in mine})
+            warnings.append(
+                f"warning: {method} runs differ in {k} ({', '.join(values)}); kept as separate rows"
+            )
+    budgets = sorted({b for (_, b) in cells if b[0] != "full"}) or [("full", 0)]
+    return Table(
+        rows, budgets, dict(cells), shared, varying, method_shared, method_varying, warnings
+    )
+
+
+def _split_switches(rows: list[tuple], wanted: Any) -> tuple[dict[str, str], list[str]]:
+    """Switches (those `wanted` picks) the rows agree on, and those that differ."""
+    keys = sorted({k for row in rows for k, _ in row[1] if wanted(k)})
     shared, varying = {}, []
     for k in keys:
         values = {dict(row[1]).get(k, "-") for row in rows}
@@ -291,12 +325,7 @@ def build(results: list[Result], problems: list[str] | None = None) -> Table:
             shared[k] = values.pop()
         else:
             varying.append(k)
-            warnings.append(
-                f"warning: results differ in {k} ({', '.join(sorted(values))}); kept as "
-                "separate rows, compare only rows that agree"
-            )
-    budgets = sorted({b for (_, b) in cells if b[0] != "full"}) or [("full", 0)]
-    return Table(rows, budgets, dict(cells), shared, varying, warnings)
+    return shared, varying
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -324,8 +353,17 @@ def protocol_line(table: Table) -> str:
     return ", ".join(f"{k}={v}" for k, v in table.shared.items())
 
 
+def method_line(table: Table) -> str:
+    """Each method's own hyper-parameters (shared by its rows)."""
+    return "; ".join(
+        f"{m}: " + ", ".join(f"{k.removeprefix('method.')}={v}" for k, v in params.items())
+        for m, params in table.method_shared.items()
+        if params
+    )
+
+
 def markdown(table: Table, heading: str = "#") -> str:
-    lead = ["Method"] + (["Setting"] if table.varying else [])
+    lead = ["Method"] + (["Setting"] if table.has_setting else [])
     head, sub = list(lead), [""] * len(lead)
     for b in table.budgets:
         head += [table.budget_label(b)] + [""] * (len(METRICS) - 1)
@@ -337,12 +375,13 @@ def markdown(table: Table, heading: str = "#") -> str:
         "",
         f"Shared protocol: {protocol_line(table)}",
         "",
+        *([f"Method settings: {method_line(table)}", ""] if method_line(table) else []),
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
         "| " + " | ".join(sub) + " |",
     ]
     for row in table.rows:
-        cells = [table.label(row)] + ([table.setting(row)] if table.varying else [])
+        cells = [table.label(row)] + ([table.setting(row)] if table.has_setting else [])
         for b in table.budgets:
             for m in METRICS:
                 text = fmt(table.cell(row, b), m)
@@ -406,12 +445,13 @@ def _tex(s: str) -> str:
 
 
 def latex(table: Table) -> str:
-    n_lead = 2 if table.varying else 1
+    n_lead = 2 if table.has_setting else 1
     k = len(METRICS)
     spec = "l" * n_lead + "r" * k * len(table.budgets)
     lines = [
         f"% Shared protocol: {_tex(protocol_line(table))}",
         f"% {_tex(table.pooling())}",
+        *([f"% Method settings: {_tex(method_line(table))}"] if method_line(table) else []),
         f"\\begin{{tabular}}{{{spec}}}",
         r"\toprule",
     ]
@@ -425,14 +465,14 @@ def latex(table: Table) -> str:
             for i in range(len(table.budgets))
         )
     )
-    lead = ["Method"] + (["Setting"] if table.varying else [])
+    lead = ["Method"] + (["Setting"] if table.has_setting else [])
     metric_head = " & ".join(_tex(m) for m in METRICS)
     lines.append(" & ".join(lead + [metric_head] * len(table.budgets)) + r" \\")
     lines.append(r"\midrule")
     for row in table.rows:
         if row[0] == FULL:
             lines.append(r"\midrule")
-        cells = [_tex(table.label(row))] + ([_tex(table.setting(row))] if table.varying else [])
+        cells = [_tex(table.label(row))] + ([_tex(table.setting(row))] if table.has_setting else [])
         for b in table.budgets:
             for m in METRICS:
                 cell = table.cell(row, b)
@@ -455,11 +495,12 @@ def plot(table: Table, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     xs_all = []
     for row in table.rows:
-        label = table.label(row) + (f" ({table.setting(row)})" if table.varying else "")
+        label = table.label(row) + (f" ({table.setting(row)})" if table.has_setting else "")
         if row[0] == FULL:
             cell = table.cells[(row, ("full", 0))]
             mean, _ = cell.stat("r_mean")
@@ -482,6 +523,10 @@ def plot(table: Table, path: Path) -> None:
         )
     if xs_all and max(xs_all) >= 4 * min(xs_all):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    if xs_all:  # label the budgets themselves, as plain numbers
+        ax.set_xticks(sorted(set(xs_all)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("pairs")
     ax.set_ylabel("r_mean (%)")
     ax.set_title("Retrieval r_mean vs budget")
@@ -500,10 +545,12 @@ def print_rich(table: Table) -> None:
     if not console.is_terminal:
         console = Console(width=160)
     console.print(f"shared protocol: {protocol_line(table)}", soft_wrap=True)
+    if method_line(table):
+        console.print(f"method settings: {method_line(table)}", soft_wrap=True)
     for b in table.budgets:
         t = RichTable(title=table.budget_label(b))
         t.add_column("method")
-        if table.varying:
+        if table.has_setting:
             t.add_column("setting")
         for m in METRICS:
             t.add_column(m, justify="right", style="bold" if m == "r_mean" else None)
@@ -511,7 +558,7 @@ def print_rich(table: Table) -> None:
             cell = table.cell(row, b)
             if cell is None:
                 continue
-            lead = [table.label(row)] + ([table.setting(row)] if table.varying else [])
+            lead = [table.label(row)] + ([table.setting(row)] if table.has_setting else [])
             t.add_row(*lead, *(fmt(cell, m) for m in METRICS))
         console.print(t)
 

@@ -146,13 +146,28 @@ def test_mixed_protocols_stay_apart_with_a_warning(
     assert line.count(" - ") == len(tables.METRICS)  # no 20-pair result for that protocol
 
 
-def test_method_hyper_parameters_split_rows(tmp_path: Path) -> None:
+def set_method_param(run: Path, name: str, line: str) -> None:
+    cfg = run / ".hydra" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace(f"  name: {name}\n", f"  name: {name}\n  {line}\n"))
+
+
+def test_method_hyper_parameters_split_rows_of_one_method(tmp_path: Path) -> None:
     runs = copy_runs(tmp_path)
-    cfg = runs / "random-20-seed1" / ".hydra" / "config.yaml"
-    cfg.write_text(cfg.read_text().replace("  name: random\n", "  name: random\n  alpha: 2\n"))
+    set_method_param(runs / "random-20-seed1", "random", "alpha: 2")
     table = tables.build(*tables.collect([runs]))
-    assert table.varying == ["method.alpha"]
+    assert table.varying == [] and table.method_varying["random"] == ["method.alpha"]
     assert sum(row[0] == "random" for row in table.rows) == 2
+    assert any("random runs differ in method.alpha" in w for w in table.warnings)
+
+
+def test_different_methods_may_have_different_hyper_parameters(tmp_path: Path) -> None:
+    runs = copy_runs(tmp_path)
+    for run in runs.glob("herding-*"):
+        set_method_param(run, "herding", "steps: 7")
+    table = tables.build(*tables.collect([runs]))
+    assert not table.has_setting and not [w for w in table.warnings if "differ" in w]
+    assert tables.method_line(table) == "herding: steps=7"
+    assert "Method settings: herding: steps=7" in tables.markdown(table)
 
 
 def test_ratio_budgets_and_duplicate_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
