@@ -15,6 +15,7 @@ the training split from the run's saved config (features come from the cache).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -71,11 +72,11 @@ def _thumb(image: Image.Image) -> Tensor:
 
 def nearest(queries: Tensor, keys: Tensor, k: int, block: int = 4096) -> tuple[Tensor, Tensor]:
     """Top-k cosine similarities and indices of each query among the keys (keys in blocks)."""
-    q = F.normalize(queries.float(), dim=-1)
+    q = F.normalize(queries.float().cpu(), dim=-1)
     best_s = torch.full((len(q), 0), -2.0)
     best_i = torch.zeros((len(q), 0), dtype=torch.long)
     for s in range(0, len(keys), block):
-        sims = q @ F.normalize(keys[s : s + block].float(), dim=-1).T
+        sims = q @ F.normalize(keys[s : s + block].float().cpu(), dim=-1).T
         all_s = torch.cat([best_s, sims], dim=1)
         all_i = torch.cat([best_i, torch.arange(s, s + sims.shape[1]).expand(len(q), -1)], dim=1)
         top = all_s.topk(min(k, all_s.shape[1]), dim=1)
@@ -87,14 +88,18 @@ def nearest(queries: Tensor, keys: Tensor, k: int, block: int = 4096) -> tuple[T
 def text_vectors(texts: Tensor, mask: Tensor | None, encoder: Encoder | None) -> Tensor:
     """One vector per text: features as they are, token ids/embeddings as masked mean embedding."""
     if texts.is_floating_point() and texts.dim() == 2:
-        return texts.float()
+        return texts.float().cpu()
     if encoder is None:
         raise UserError("token-space texts need the encoder to embed them")
+    trunk_device = next(encoder.text_trunk.parameters()).device
     out = []
     for s in range(0, len(texts), 1024):
         t = texts[s : s + 1024]
-        emb = encoder.text_trunk.embed_tokens(t) if not t.is_floating_point() else t.float()
-        m = torch.ones(emb.shape[:2]) if mask is None else mask[s : s + 1024].float()
+        if t.is_floating_point():
+            emb = t.float().cpu()
+        else:  # the trunk may sit on the GPU after encoding features
+            emb = encoder.text_trunk.embed_tokens(t.to(trunk_device)).float().cpu()
+        m = torch.ones(emb.shape[:2]) if mask is None else mask[s : s + 1024].float().cpu()
         out.append((emb * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1))
     return torch.cat(out)
 
@@ -146,7 +151,7 @@ def export_run(
 
         encoder = build_encoder(cfg.encoder)  # token-space texts are compared as embeddings
     written = []
-    images = pairs.images[:max_images]
+    images = pairs.images[:max_images].detach().cpu()
     if images.dim() == 4:
         pixels = denormalise(images, cfg.encoder)
         scale = max(1, MIN_TILE // pixels.shape[-1])  # small images are enlarged, pixel for pixel
@@ -207,7 +212,7 @@ def _heatmap(pairs: PairSet, out: Path, limit: int) -> Path:
     import matplotlib.pyplot as plt
 
     n = min(len(pairs), limit)
-    sim = pairs.similarity.cpu()
+    sim = copy.deepcopy(pairs.similarity).cpu()  # leave the caller's module where it is
     matrix = sim(torch.arange(n)).float().numpy()
     fig, ax = plt.subplots(figsize=(5.5, 4.8))
     bound = float(abs(matrix).max()) or 1.0

@@ -41,9 +41,13 @@ def soft_infonce(logits: Tensor, targets: Tensor | None = None) -> Tensor:
 
 @LOSSES.register("wbce")
 def wbce(logits: Tensor, targets: Tensor | None = None) -> Tensor:
-    """LoRS's weighted multi-label BCE: mean over positives (target > 0.5) and over negatives."""
+    """LoRS's weighted multi-label BCE: mean over positives (target > 0.5) and over negatives.
+
+    Targets are used unclamped, as LoRS does: a learned similarity starts at exactly 0 and 1,
+    where a clamp would pass no gradient to it.
+    """
     t = _eye(logits) if targets is None else targets
-    loss = F.binary_cross_entropy_with_logits(logits, t.clamp(0, 1), reduction="none")
+    loss = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
     pos = t > 0.5
     neg = ~pos
     pos_term = loss[pos].mean() if pos.any() else loss.new_zeros(())

@@ -66,6 +66,8 @@ def source_images(run: Path) -> tuple[list[int], list[Image.Image], list[str], l
 
 
 def test_pixel_grid_shows_the_real_images_and_captions_decode(runs: dict, tmp_path: Path) -> None:
+    assert (runs["pixel"] / "grid.png").is_file()  # distill exports at its end too
+    assert (runs["pixel"] / "captions.txt").is_file()
     files = export_run(runs["pixel"], out=tmp_path)
     assert sorted(f.name for f in files) == ["captions.txt", "grid.png"]
     _, images, _, captions = source_images(runs["pixel"])
@@ -87,6 +89,7 @@ def test_pixel_grid_shows_the_real_images_and_captions_decode(runs: dict, tmp_pa
 
 
 def test_feature_space_shows_nearest_real_images(runs: dict, tmp_path: Path) -> None:
+    assert (runs["feature"] / "grid_nearest.png").is_file()
     files = export_run(runs["feature"], out=tmp_path, neighbours=2)
     names = sorted(f.name for f in files)
     assert names == ["captions.txt", "grid_nearest.png", "grid_nearest.txt"]

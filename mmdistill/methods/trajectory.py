@@ -1,0 +1,549 @@
+"""Trajectory matching: MTT-VL (full unroll), TESLA (first-order, constant memory), LoRS.
+
+One outer iteration (Wu et al.; Xu et al.): pick an expert and a start epoch s, start a student
+at the expert's theta*_s, take `syn_steps` SGD steps on synthetic mini-batches with learnable
+per-branch step sizes, and match the result to theta*_{s+R}:
+
+    L = sum_branch ||theta_hat - theta*_{s+R}||^2 / ||theta*_s - theta*_{s+R}||^2
+
+(`merge_loss_branches`: one ratio of the summed distances). The matched vector is every
+trainable student parameter (heads in feature space, trunks + heads in pixel space, LoRA
+adapters + heads with `lora`), run through `torch.func.functional_call` from a flat vector.
+
+* `gradient: unroll` (MTT-VL) back-propagates through all unrolled steps: memory grows with
+  `syn_steps`.
+* `gradient: first_order` (TESLA, as LoRS uses it) unrolls once without a graph to get
+  theta_hat and G = sum_i g_i, then replays the steps, each time rebuilding only step i's graph
+  and back-propagating its closed-form share  -alpha * dL/dtheta_hat . g_i;  the step sizes get
+  -dL/dtheta_hat . G. Memory stays flat in `syn_steps`; the dependence of theta_i on earlier
+  synthetic batches is dropped (so with one step it equals the unrolled gradient exactly).
+* LoRS adds a learned target similarity S over the synthetic pairs (low-rank, S = I at start)
+  and trains the inner student with the weighted BCE against S; S is saved with the set.
+
+Synthetic data live where the student's trainable part reads them: frozen-trunk features in
+feature space, pixels for a trained image trunk, token-embedding sequences `[N, L, E]` with a
+fixed mask for a trained text trunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mmdistill.errors import UserError
+from mmdistill.experts import Buffer, ParamLayout, build_student, find_or_build_buffer
+from mmdistill.losses import LOSSES
+from mmdistill.methods.base import METHODS, DistillContext
+from mmdistill.methods.lora import LoraSettings
+from mmdistill.models.student import Student
+from mmdistill.pairs import PairSet
+from mmdistill.protocol import evaluate, train_student
+from mmdistill.similarity import build_similarity
+
+log = logging.getLogger(__name__)
+GRADIENTS = ("unroll", "first_order")
+CHECKPOINT = "trajectory"
+
+
+class _Embed(nn.Module):
+    """Both towers of a student as one callable, so functional_call can swap its parameters."""
+
+    def __init__(self, student: Student) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: Tensor, texts: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.student.encode_image(images), self.student.encode_text(texts, mask)
+
+
+class NonFiniteLoss(Exception):
+    """The matching loss or its gradient stopped being finite."""
+
+
+class Synthetic:
+    """The learnable state: images, texts (+ fixed mask), step sizes and the similarity."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        texts: Tensor,
+        mask: Tensor | None,
+        step_size: float,
+        similarity: nn.Module | None,
+        similarity_args: dict[str, Any],
+    ) -> None:
+        self.images = images.detach().clone().requires_grad_(True)
+        self.texts = texts.detach().clone().requires_grad_(True)
+        self.mask = mask
+        self.step_image = torch.tensor(float(step_size), requires_grad=True)
+        self.step_text = torch.tensor(float(step_size), requires_grad=True)
+        self.similarity = similarity
+        self.similarity_args = similarity_args
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every learnable tensor by name (the checkpoint and last-good copy use these)."""
+        out = {
+            "images": self.images,
+            "texts": self.texts,
+            "step_image": self.step_image,
+            "step_text": self.step_text,
+        }
+        if self.similarity is not None:
+            out.update({f"similarity.{k}": v for k, v in self.similarity.named_parameters()})
+        return out
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.tensors().items()}
+
+    def restore(self, saved: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.tensors().items():
+                if tuple(saved[k].shape) != tuple(v.shape):
+                    raise UserError(
+                        f"checkpoint tensor {k} has shape {list(saved[k].shape)}, this run "
+                        f"needs {list(v.shape)}; start a new run instead of resuming"
+                    )
+                v.copy_(saved[k])
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(v).all()) for v in self.tensors().values())
+
+    def pairset(self, loss: str, meta: dict[str, Any]) -> PairSet:
+        return PairSet(
+            images=self.images,
+            texts=self.texts,
+            text_mask=self.mask,
+            similarity=self.similarity,
+            similarity_args=dict(self.similarity_args),
+            step_sizes={"image": self.step_image.item(), "text": self.step_text.item()},
+            loss=loss,
+            meta=dict(meta),
+        ).detached()
+
+
+@METHODS.register("mtt", "mtt_lora", "tesla", "lors")
+class TrajectoryMatching:
+    """MTT-VL / TESLA / LoRS; which one is config (gradient, similarity, student_loss)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.name = str(cfg.name)
+        self.gradient = str(cfg.gradient)
+        if self.gradient not in GRADIENTS:
+            raise UserError(
+                f"unknown method.gradient {self.gradient!r}; choose one of: {', '.join(GRADIENTS)}"
+            )
+        self.loss_name = str(cfg.student_loss)
+        self.loss_fn = LOSSES.get(self.loss_name)
+        self.similarity_kind = cfg.get("similarity") or None
+        self.syn_steps = int(cfg.syn_steps)
+        self.expert_epochs = int(cfg.expert_epochs)
+        self.max_start_epoch = int(cfg.max_start_epoch)
+        if self.syn_steps < 1 or self.expert_epochs < 1 or self.max_start_epoch < 1:
+            raise UserError("method.syn_steps, expert_epochs and max_start_epoch must be >= 1")
+
+    # ---------------------------------------------------------------------------- setup
+
+    def budget(self, pairs: int) -> int:
+        """LoRS counts its similarity parameters as one pair of the budget (N-1 pairs)."""
+        if self.similarity_kind and bool(self.cfg.get("count_similarity_in_budget", False)):
+            return pairs - 1
+        return pairs
+
+    def _init_data(self, ctx: DistillContext, n: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Random real pairs (the papers' init), in the space the student's trainable part reads."""
+        gen = torch.Generator().manual_seed(ctx.seed)
+        idx = torch.randperm(ctx.train.n_pairs, generator=gen)[:n]
+        real = ctx.train.pairset(idx)
+        images, texts, mask = real.images.float(), real.texts, real.text_mask
+        if not texts.is_floating_point():  # token ids -> token embeddings of the frozen table
+            with torch.no_grad():
+                texts = ctx.encoder.text_trunk.embed_tokens(texts).float()
+        if str(self.cfg.init) == "noise":
+            images = _noise_like(images, gen)
+            texts = _noise_like(texts, gen)
+        elif str(self.cfg.init) != "real":
+            raise UserError(f"unknown method.init {self.cfg.init!r}; choose real or noise")
+        return images, texts, mask
+
+    def _experts(self, buf: Buffer, layout: ParamLayout, num_experts: int) -> list[int]:
+        wanted = list(range(num_experts))
+        need = self.max_start_epoch - 1 + self.expert_epochs
+        for i in wanted:
+            if buf.layout(i) != layout:
+                raise UserError(
+                    f"expert {i} in {buf.path} trained other parameters than this student "
+                    "(different encoder or LoRA settings); rebuild the buffer"
+                )
+            if buf.epochs(i) < need:
+                raise UserError(
+                    f"expert {i} has {buf.epochs(i)} epochs but max_start_epoch "
+                    f"{self.max_start_epoch} + expert_epochs {self.expert_epochs} need {need}; "
+                    "raise expert.epochs or lower method.max_start_epoch"
+                )
+        return wanted
+
+    # ------------------------------------------------------------------------ the math
+
+    def _inner_loss(
+        self, embed: _Embed, layout: ParamLayout, theta: Tensor, idx: Tensor, data: tuple
+    ) -> Tensor:
+        images, texts, mask, similarity = data
+        params = {f"student.{k}": v for k, v in layout.unflatten(theta).items()}
+        m = None if mask is None else mask[idx]
+        zi, zt = functional_call(embed, params, (images[idx], texts[idx], m))
+        logits = self.logit_scale * zi @ zt.T
+        targets = None if similarity is None else similarity(idx)
+        return self.loss_fn(logits, targets)
+
+    def _branch_terms(
+        self, theta: Tensor, start: Tensor, target: Tensor, slices: dict[str, slice]
+    ) -> list[tuple[slice, Tensor, Tensor]]:
+        out = []
+        for sl in slices.values():
+            if sl.stop == sl.start:
+                continue
+            dist = (theta[sl] - target[sl]).pow(2).sum()
+            norm = (start[sl] - target[sl]).pow(2).sum().clamp(min=1e-12)
+            out.append((sl, dist, norm))
+        return out
+
+    def matching_loss(
+        self, theta: Tensor, start: Tensor, target: Tensor, slices: dict[str, slice]
+    ) -> Tensor:
+        terms = self._branch_terms(theta, start, target, slices)
+        if bool(self.cfg.merge_loss_branches):
+            return sum(t[1] for t in terms) / sum(t[2] for t in terms)
+        return sum(d / n for _, d, n in terms)
+
+    def _matching_grad(self, theta: Tensor, start: Tensor, target: Tensor, slices) -> Tensor:
+        """dL/dtheta_hat in closed form (no graph), for the first-order gradient."""
+        coef = torch.zeros_like(theta)
+        terms = self._branch_terms(theta, start, target, slices)
+        total = sum(t[2] for t in terms)
+        for sl, _, norm in terms:
+            denom = total if bool(self.cfg.merge_loss_branches) else norm
+            coef[sl] = 2 * (theta[sl] - target[sl]) / denom
+        return coef
+
+    def step_vector(self, syn: Synthetic, layout: ParamLayout) -> Tensor:
+        n_img, n_txt = layout.branch_numel("image"), layout.branch_numel("text")
+        return torch.cat([syn.step_image.expand(n_img), syn.step_text.expand(n_txt)])
+
+    def grad_unroll(
+        self, embed, layout, syn: Synthetic, start: Tensor, target: Tensor, batches
+    ) -> Tensor:
+        """MTT-VL: differentiate the matching loss through every unrolled step."""
+        data = (syn.images, syn.texts, syn.mask, syn.similarity)
+        steps = self.step_vector(syn, layout).to(start.device)
+        theta = start.clone().requires_grad_(True)
+        for idx in batches:
+            loss = self._inner_loss(embed, layout, theta, idx, data)
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+            theta = theta - steps * g
+        loss = self.matching_loss(theta, start, target, layout.branch_slices())
+        if torch.isfinite(loss):
+            torch.autograd.backward(loss, inputs=list(syn.tensors().values()))
+        return loss.detach()
+
+    def grad_first_order(
+        self, embed, layout, syn: Synthetic, start: Tensor, target: Tensor, batches
+    ) -> Tensor:
+        """TESLA: constant memory in syn_steps; replays each step to push its share back."""
+        slices = layout.branch_slices()
+        steps = self.step_vector(syn, layout).detach().to(start.device)
+        sim = syn.similarity
+        frozen = (
+            syn.images.detach(),
+            syn.texts.detach(),
+            syn.mask,
+            None if sim is None else (lambda i: sim(i).detach()),
+        )
+        rng = _rng_state(start.device)  # replay identical dropout masks in the second pass
+        theta, total = start.clone(), torch.zeros_like(start)
+        for idx in batches:
+            theta.requires_grad_(True)
+            loss = self._inner_loss(embed, layout, theta, idx, frozen)
+            (g,) = torch.autograd.grad(loss, theta)
+            total += g
+            theta = (theta - steps * g).detach()
+        with torch.no_grad():
+            loss = self.matching_loss(theta, start, target, slices)
+            coef = self._matching_grad(theta, start, target, slices)
+        if not torch.isfinite(loss):
+            return loss
+        _set_rng_state(start.device, rng)
+        live = (syn.images, syn.texts, syn.mask, sim)
+        inputs = [syn.images, syn.texts] + ([] if sim is None else list(sim.parameters()))
+        theta = start.clone()
+        back = -steps * coef
+        for idx in batches:
+            theta.requires_grad_(True)
+            inner = self._inner_loss(embed, layout, theta, idx, live)
+            (g,) = torch.autograd.grad(inner, theta, create_graph=True)
+            torch.autograd.backward((back * g).sum(), inputs=inputs)
+            theta = (theta - steps * g.detach()).detach()
+        for name, step in (("image", syn.step_image), ("text", syn.step_text)):
+            sl = slices[name]
+            grad = -(coef[sl] * total[sl]).sum().to(step.device)
+            step.grad = grad if step.grad is None else step.grad + grad
+        return loss
+
+    # --------------------------------------------------------------------------- the loop
+
+    def distill(self, ctx: DistillContext) -> PairSet:
+        cfg = self.cfg
+        n = self.budget(ctx.pairs)
+        if n < 2:
+            raise UserError(f"{self.name} needs at least 2 synthetic pairs; raise budget.pairs")
+        device = ctx.device
+        if "expert" not in ctx.cfg:
+            raise UserError(f"{self.name} needs the expert settings (conf/expert); compose them")
+        self.lora = LoraSettings.from_cfg(ctx.cfg.expert)
+        need = self.max_start_epoch - 1 + self.expert_epochs
+        if int(ctx.cfg.expert.epochs) < need:
+            raise UserError(
+                f"expert.epochs={ctx.cfg.expert.epochs} but max_start_epoch "
+                f"{self.max_start_epoch} + expert_epochs {self.expert_epochs} need {need}; "
+                "raise expert.epochs or lower method.max_start_epoch"
+            )
+        buf = find_or_build_buffer(
+            ctx.cfg.expert,
+            ctx.encoder,
+            ctx.train,
+            ctx.val,
+            str(ctx.cfg.dataset.name),
+            ctx.cfg.noise,
+            Path(str(ctx.cfg.paths.cache_dir)),
+            device,
+            explicit=cfg.get("buffer"),
+            say=log.info,
+            progress=ctx.progress,
+        )
+        student = build_student(ctx.encoder, ctx.seed, self.lora).to(device).train()
+        layout = ParamLayout.of(student)
+        experts = self._experts(buf, layout, int(ctx.cfg.expert.num_experts))
+        embed = _Embed(student)
+        scale = cfg.get("inner_logit_scale")
+        self.logit_scale = float(student.logit_scale if scale is None else scale)
+
+        images, texts, mask = self._init_data(ctx, n)
+        similarity, sim_args = None, {}
+        if self.similarity_kind:
+            sim_args = {"kind": str(self.similarity_kind), "n": n}
+            if self.similarity_kind == "lowrank":
+                sim_args.update(rank=int(cfg.sim_rank), alpha=float(cfg.sim_alpha))
+            torch.manual_seed(ctx.seed)
+            similarity = build_similarity(**sim_args).to(device)
+        syn = Synthetic(
+            images.to(device),
+            texts.to(device),
+            None if mask is None else mask.to(device),
+            float(cfg.lr_teacher),
+            similarity,
+            sim_args,
+        )
+        groups = [
+            {"params": [syn.images], "lr": float(cfg.lr_img)},
+            {"params": [syn.texts], "lr": float(cfg.lr_txt)},
+            {"params": [syn.step_image, syn.step_text], "lr": float(cfg.lr_lr)},
+        ]
+        if similarity is not None:
+            groups.append({"params": list(similarity.parameters()), "lr": float(cfg.lr_sim)})
+        opt = torch.optim.SGD(groups, lr=float(cfg.lr_img), momentum=float(cfg.momentum))
+
+        gen = torch.Generator().manual_seed(ctx.seed)
+        iterations = int(cfg.iterations)
+        eval_every, ckpt_every = int(cfg.eval_every), int(cfg.checkpoint_every)
+        state: dict[str, Any] = {
+            "iteration": 0,
+            "best_val": None,
+            "best_iteration": None,
+            "val_history": [],
+            "loss_history": [],
+            "seconds": 0.0,
+        }
+        best: dict[str, Tensor] | None = None
+        saved = ctx.run.load_checkpoint(CHECKPOINT)
+        if saved is not None:
+            tensors, state = saved
+            syn.restore({k[len("syn.") :]: v for k, v in tensors.items() if k.startswith("syn.")})
+            best_saved = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
+            best = best_saved or None
+            _load_momentum(opt, syn, tensors)
+            gen.set_state(tensors["generator"])
+            log.info("%s: resuming from iteration %d", self.name, state["iteration"])
+
+        meta = {
+            "method": self.name,
+            "gradient": self.gradient,
+            "student_loss": self.loss_name,
+            "syn_steps": self.syn_steps,
+            "budget_pairs": ctx.pairs,
+            "pairs": n,
+            "similarity_counted_in_budget": n != ctx.pairs,
+            "buffer": str(buf.path),
+            "buffer_key": buf.key,
+            "experts": len(experts),
+            "lora": None if self.lora is None else self.lora.as_dict(),
+            "matched_parameters": layout.numel,
+        }
+        task = (
+            ctx.progress.add_task(self.name, total=iterations, completed=state["iteration"])
+            if ctx.progress is not None
+            else None
+        )
+
+        def val_score() -> float:
+            pairs = syn.pairset(self.loss_name, meta)
+            return self._val_score(ctx, pairs)
+
+        def checkpoint() -> None:
+            tensors = {f"syn.{k}": v for k, v in syn.snapshot().items()}
+            if best is not None:
+                tensors.update({f"best.{k}": v for k, v in best.items()})
+            tensors.update(_momentum(opt, syn))
+            tensors["generator"] = gen.get_state()
+            ctx.run.save_checkpoint(CHECKPOINT, tensors, state)
+
+        if eval_every > 0 and state["iteration"] == 0 and not state["val_history"]:
+            score = val_score()
+            state["val_history"].append([0, score])
+            state.update(best_val=score, best_iteration=0)
+            best = syn.snapshot()
+
+        while state["iteration"] < iterations:
+            it = state["iteration"] + 1
+            t0 = time.perf_counter()
+            expert = experts[int(torch.randint(len(experts), (1,), generator=gen))]
+            s = int(torch.randint(self.max_start_epoch, (1,), generator=gen))
+            segment = buf.segment(expert, s, s + self.expert_epochs).to(device)
+            start, target = segment[0], segment[-1]
+            batch = min(int(cfg.batch_syn or n), n)
+            batches = [
+                torch.randperm(n, generator=gen)[:batch].to(device) for _ in range(self.syn_steps)
+            ]
+            before = syn.snapshot()
+            opt.zero_grad(set_to_none=True)
+            compute = self.grad_unroll if self.gradient == "unroll" else self.grad_first_order
+            # Fused attention kernels have no second derivative; the math kernel does.
+            with sdpa_kernel(SDPBackend.MATH):
+                loss = compute(embed, layout, syn, start, target, batches)
+            grads_ok = all(
+                v.grad is None or bool(torch.isfinite(v.grad).all()) for v in syn.tensors().values()
+            )
+            if not torch.isfinite(loss) or not grads_ok:
+                self._stop(ctx, syn, before, meta, it, f"matching loss {loss.item():.4g}")
+            opt.step()
+            min_step = cfg.get("min_step_size")
+            if min_step is not None:
+                with torch.no_grad():
+                    syn.step_image.clamp_(min=float(min_step))
+                    syn.step_text.clamp_(min=float(min_step))
+            if not syn.finite():
+                self._stop(ctx, syn, before, meta, it, "an update that made the set non-finite")
+            state["seconds"] += time.perf_counter() - t0
+            state["iteration"] = it
+            if it % max(1, iterations // 100) == 0 or it == iterations:
+                state["loss_history"].append([it, float(loss)])
+            if eval_every > 0 and (it % eval_every == 0 or it == iterations):
+                score = val_score()
+                state["val_history"].append([it, score])
+                log.info("%s it %d: match %.4f, val r_mean %.2f", self.name, it, loss, score)
+                if state["best_val"] is None or score > state["best_val"]:
+                    state.update(best_val=score, best_iteration=it)
+                    best = syn.snapshot()
+            if ckpt_every > 0 and (it % ckpt_every == 0 or it == iterations):
+                checkpoint()
+            if task is not None:
+                ctx.progress.update(task, completed=it)
+        if task is not None:
+            ctx.progress.remove_task(task)
+
+        done = state["iteration"]
+        if best is not None and str(cfg.select) == "best_val":
+            syn.restore(best)
+            selected = state["best_iteration"]
+        else:
+            selected = done
+        meta.update(
+            iterations=done,
+            selected_iteration=selected,
+            selection=str(cfg.select),
+            best_val_r_mean=state["best_val"],
+            val_history=state["val_history"],
+            loss_history=state["loss_history"],
+            seconds_per_iteration=state["seconds"] / max(done, 1),
+        )
+        return syn.pairset(self.loss_name, meta)
+
+    def _val_score(self, ctx: DistillContext, pairs: PairSet) -> float:
+        """Mean val r_mean of a few students trained on the current set (fixed seeds)."""
+        eval_cfg = OmegaConf.merge(ctx.cfg.eval, {"selection": "final"})
+        scores = []
+        for k in range(int(self.cfg.val_students)):
+            seed = 10_000_000 + k
+            student = ctx.encoder.new_student(seed, feature_dropout=float(eval_cfg.feature_dropout))
+            student, _ = train_student(student, pairs, eval_cfg, seed, ctx.device)
+            scores.append(evaluate(student, ctx.val, ctx.device)["r_mean"])
+        return sum(scores) / len(scores)
+
+    def _stop(
+        self,
+        ctx: DistillContext,
+        syn: Synthetic,
+        before: dict[str, Tensor],
+        meta: dict[str, Any],
+        iteration: int,
+        what: str,
+    ) -> None:
+        """Keep the last good set on disk and stop with the fix."""
+        syn.restore(before)
+        path = ctx.run.path / "last_good"
+        syn.pairset(self.loss_name, {**meta, "stopped_at_iteration": iteration}).save(path)
+        raise UserError(
+            f"{self.name} stopped at iteration {iteration}: {what} is not finite; the last good "
+            f"distilled set is in {path}.safetensors; lower method.lr_img / method.lr_txt "
+            f"(now {self.cfg.lr_img} / {self.cfg.lr_txt}) or method.lr_lr"
+        )
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _noise_like(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Gaussian noise with the per-dimension mean and std of the real rows."""
+    mean, std = x.mean(dim=0, keepdim=True), x.std(dim=0, keepdim=True)
+    return mean + std * torch.randn(x.shape, generator=gen)
+
+
+def _momentum(opt: torch.optim.Optimizer, syn: Synthetic) -> dict[str, Tensor]:
+    out = {}
+    for name, p in syn.tensors().items():
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[f"momentum.{name}"] = buf
+    return out
+
+
+def _load_momentum(opt: torch.optim.Optimizer, syn: Synthetic, tensors: dict[str, Tensor]) -> None:
+    for name, p in syn.tensors().items():
+        buf = tensors.get(f"momentum.{name}")
+        if buf is not None:
+            opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()

@@ -1,0 +1,139 @@
+"""Coreset baselines: the selection rules on known geometry, each method end to end on shapes,
+and on the real flickr8k-1k features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mmdistill.errors import UserError
+from mmdistill.jobs import prepare
+from mmdistill.methods import DistillContext, get_method
+from mmdistill.methods.coresets import _retrieved, forgetting_counts, herding, kcenter
+from mmdistill.runs import Run
+
+REPO = Path(__file__).resolve().parents[1]
+CORESETS = ("random", "herding", "kcenter", "forgetting")
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose("distill", overrides=["device=cpu", *overrides])
+
+
+def context(tmp: Path, cfg: DictConfig, pairs: int) -> DistillContext:
+    run = Run(tmp, "distill", "cpu", int(cfg.seed))
+    prep = prepare(cfg, "cpu", run, None)
+    return DistillContext(cfg, prep.encoder, prep.train, prep.val, pairs, "cpu", 0, run)
+
+
+# --------------------------------------------------------------------------- selection rules
+
+
+def test_herding_tracks_the_full_mean_better_than_random_subsets() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=gen) * torch.linspace(0.2, 3, 8)
+    idx = herding(x, 20)
+    assert len(set(idx.tolist())) == 20
+    err = (x[idx].mean(0) - x.mean(0)).norm()
+    rand = [
+        (x[torch.randperm(400, generator=gen)[:20]].mean(0) - x.mean(0)).norm() for _ in range(50)
+    ]
+    assert err < min(rand)
+    # The first pick is the point nearest the mean.
+    assert idx[0] == (x - x.mean(0)).norm(dim=1).argmin()
+
+
+def test_kcenter_covers_better_than_random_and_takes_outliers() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=gen)
+    x[123] = 40.0  # a far outlier must be the second pick
+    idx = kcenter(x, 15, first=0)
+    assert idx[0] == 0 and idx[1] == 123 and len(set(idx.tolist())) == 15
+
+    def radius(sel: torch.Tensor) -> float:
+        return torch.cdist(x, x[sel]).min(dim=1).values.max().item()
+
+    rand = [radius(torch.randperm(300, generator=gen)[:15]) for _ in range(20)]
+    assert radius(idx) < min(rand)
+
+
+def test_in_batch_retrieval_counts_a_sibling_caption_as_a_hit() -> None:
+    # Pairs 0 and 1 share image 7; pair 2 is image 9.
+    rows = torch.tensor([7, 7, 9])
+    logits = torch.tensor([[0.0, 5.0, 1.0], [5.0, 0.0, 1.0], [4.0, 0.0, 1.0]])
+    # Pair 0: i2t hits caption 1 (same image), t2i hits pair 1's image (same) -> right.
+    # Pair 2: i2t picks caption 0 (image 7) -> wrong.
+    assert _retrieved(logits, rows).tolist() == [True, True, False]
+
+
+# --------------------------------------------------------------------------- methods on shapes
+
+
+SHAPES = ["dataset.split_sizes=[60,20,30]", "eval.students=1", "eval.steps=5"]
+# A short forgetting run: 3 epochs of 6 batches over the 300 shapes pairs.
+SHORT = {"forgetting": ["method.epochs=3", "method.batch_size=50"]}
+
+
+def method_cfg(name: str) -> DictConfig:
+    return compose_cfg(*SHAPES, f"method={name}", *SHORT.get(name, [])).method
+
+
+@pytest.fixture(scope="module")
+def shapes_ctx(tmp_path_factory: pytest.TempPathFactory) -> DistillContext:
+    return context(tmp_path_factory.mktemp("run"), compose_cfg(*SHAPES), 24)
+
+
+@pytest.mark.parametrize("name", CORESETS)
+def test_each_coreset_returns_distinct_valid_real_pairs(name: str, shapes_ctx) -> None:
+    ctx = shapes_ctx
+    pairs = get_method(name)(method_cfg(name)).distill(ctx)
+    idx = pairs.meta["source_pairs"]
+    assert len(pairs) == ctx.pairs == len(set(idx))
+    assert all(0 <= i < ctx.train.n_pairs for i in idx)
+    t = torch.tensor(idx)
+    assert torch.equal(pairs.images, ctx.train.images[ctx.train.caption_image[t]])
+    assert torch.equal(pairs.texts, ctx.train.texts[t])
+    if name != "random":
+        assert "our re-run" in pairs.meta["provenance"]
+
+
+def test_forgetting_keeps_the_most_forgotten_pairs(shapes_ctx) -> None:
+    ctx = shapes_ctx
+    counts, learned = forgetting_counts(ctx, epochs=3, batch=50)
+    assert counts.shape == (ctx.train.n_pairs,) and (counts >= 0).all()
+    assert (counts[~learned] == counts.max()).all()
+    pairs = get_method("forgetting")(method_cfg("forgetting")).distill(ctx)
+    chosen = torch.tensor(pairs.meta["source_pairs"])
+    rest = torch.ones(len(counts), dtype=torch.bool)
+    rest[chosen] = False
+    # Same seed, same training: the chosen pairs are the top of this count.
+    assert counts[chosen].min() >= counts[rest].max()
+    assert pairs.meta["forgetting_events"] == counts[chosen].tolist()
+
+
+def test_kcenter_start_is_checked() -> None:
+    cfg = compose_cfg("method=kcenter", "method.start=middle")
+    with pytest.raises(UserError, match="method.start"):
+        get_method("kcenter")(cfg.method)
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_coresets_on_flickr8k_features(real_data: Path, tmp_path: Path) -> None:
+    """Slow only because it encodes flickr8k-1k unless MMDISTILL_CACHE holds the features;
+    the methods' code path is the one the shapes tests run."""
+    cfg = compose_cfg("dataset=flickr8k", f"dataset.root={real_data}", "encoder=lite0_minilm")
+    ctx = context(tmp_path, cfg, 100)
+    for name in CORESETS:
+        method = get_method(name)(compose_cfg("encoder=lite0_minilm", f"method={name}").method)
+        pairs = method.distill(ctx)
+        idx = pairs.meta["source_pairs"]
+        assert len(set(idx)) == 100 and all(0 <= i < ctx.train.n_pairs for i in idx), name
+        assert pairs.images.shape == (100, 1280) and pairs.texts.shape == (100, 384)

@@ -1,0 +1,362 @@
+"""Trajectory matching (MTT-VL, TESLA, LoRS) on shapes + tiny, and LoRS vs random on real data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mmdistill.cli import _register_resolvers, conf_dir
+from mmdistill.errors import UserError
+from mmdistill.experts import ParamLayout, build_student
+from mmdistill.jobs import Prepared, prepare
+from mmdistill.methods import DistillContext, get_method
+from mmdistill.methods.trajectory import Synthetic, TrajectoryMatching, _Embed
+from mmdistill.pairs import PairSet
+from mmdistill.protocol import run_protocol, student_loss_name
+from mmdistill.runs import Run
+from mmdistill.similarity import build_similarity
+
+SMALL = [
+    "dataset.split_sizes=[40,20,20]",
+    "expert.num_experts=2",
+    "expert.epochs=2",
+    "device=cpu",
+    "budget.pairs=10",
+    "eval.students=1",
+    "eval.steps=20",
+    "method.iterations=3",
+    "method.syn_steps=2",
+    "method.eval_every=2",
+    "method.checkpoint_every=1",
+]
+# The tiny encoder with frozen (random) trunks: feature space, heads only, fast. Its features
+# are O(1), so the synthetic-data learning rates are far below the lite0 defaults.
+FEATURE = [
+    "encoder.train_image_trunk=false",
+    "encoder.train_text_trunk=false",
+    "method.lr_img=1",
+    "method.lr_txt=1",
+    "method.lr_lr=1e-4",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These workloads are tiny: one torch thread is faster than two fighting for shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def compose_cfg(*overrides: str, small: bool = True) -> DictConfig:
+    _register_resolvers()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("distill", overrides=[*(SMALL if small else []), *overrides])
+
+
+def context(run_dir: Path, cfg: DictConfig) -> DistillContext:
+    return prepared_context(run_dir, cfg)[0]
+
+
+def prepared_context(run_dir: Path, cfg: DictConfig) -> tuple[DistillContext, Prepared]:
+    run = Run(run_dir, "distill", "cpu", 0)
+    prep = prepare(cfg, "cpu", run, None)
+    ctx = DistillContext(
+        cfg, prep.encoder, prep.train, prep.val, int(cfg.budget.pairs), "cpu", 0, run
+    )
+    return ctx, prep
+
+
+def distill(run_dir: Path, cfg: DictConfig) -> tuple[PairSet, DistillContext]:
+    ctx = context(run_dir, cfg)
+    return get_method(cfg.method.name)(cfg.method).distill(ctx), ctx
+
+
+# ------------------------------------------------------------------ first-order gradient
+
+
+def _grads(
+    ctx: DistillContext,
+    method: TrajectoryMatching,
+    gradient: str,
+    n: int,
+    steps: int,
+    step_size: float = 0.05,
+):
+    """Gradients of one matching step w.r.t. every learnable tensor, from a fixed state."""
+    student = build_student(ctx.encoder, 0, None).train()
+    layout = ParamLayout.of(student)
+    method.logit_scale = student.logit_scale
+    images, texts, mask = method._init_data(ctx, n)
+    torch.manual_seed(1)
+    sim = build_similarity("lowrank", n, 3, 1.0)
+    with torch.no_grad():  # a non-trivial similarity, so its gradient is exercised too
+        sim.right.normal_(0, 0.3)
+    syn = Synthetic(images, texts, mask, step_size, sim, {})
+    start = layout.flatten(student)
+    target = start + 0.01 * torch.randn(start.shape, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randperm(n, generator=gen)[: n - 1] for _ in range(steps)]
+    fn = method.grad_unroll if gradient == "unroll" else method.grad_first_order
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        loss = fn(_Embed(student), layout, syn, start, target, batches)
+    return loss, {k: v.grad.clone() for k, v in syn.tensors().items()}
+
+
+@pytest.mark.parametrize("space", ["feature", "pixel"])
+def test_first_order_equals_unroll_for_one_step(tmp_path: Path, space: str) -> None:
+    """With one inner step nothing is dropped: TESLA's gradient is MTT's, to rounding."""
+    extra = FEATURE if space == "feature" else []
+    ctx = context(tmp_path, compose_cfg("method=lors", *extra))
+    method = TrajectoryMatching(ctx.cfg.method)
+    loss_u, unroll = _grads(ctx, method, "unroll", 6, 1)
+    loss_f, first = _grads(ctx, method, "first_order", 6, 1)
+    assert torch.allclose(loss_u, loss_f)
+    assert set(unroll) == set(first)
+    for k in unroll:
+        assert unroll[k].abs().max() > 0, k
+        assert torch.allclose(unroll[k], first[k], rtol=1e-3, atol=1e-6 * unroll[k].abs().max())
+
+
+def test_first_order_tracks_unroll_over_several_steps(tmp_path: Path) -> None:
+    """Over several steps TESLA drops terms of order step_size * Hessian: its gradient tends
+    to the unrolled one as the step size shrinks, and differs from it at a large one."""
+    ctx = context(tmp_path, compose_cfg("method=lors", *FEATURE))
+    method = TrajectoryMatching(ctx.cfg.method)
+
+    def cosines(step_size: float) -> dict[str, float]:
+        _, unroll = _grads(ctx, method, "unroll", 8, 4, step_size)
+        _, first = _grads(ctx, method, "first_order", 8, 4, step_size)
+        return {
+            k: torch.nn.functional.cosine_similarity(
+                unroll[k].flatten(), first[k].flatten(), dim=0
+            ).item()
+            for k in ("images", "texts", "similarity.right")
+        }
+
+    small, large = cosines(5e-4), cosines(5e-2)
+    for k in small:
+        assert small[k] > 0.999, (k, small)
+        assert large[k] < small[k], (k, large)
+
+
+# ----------------------------------------------------------------------- the methods run
+
+
+@pytest.mark.parametrize("name", ["mtt", "tesla", "lors"])
+def test_methods_produce_valid_sets(tmp_path: Path, name: str) -> None:
+    cfg = compose_cfg(f"method={name}", *FEATURE, "method.select=last")
+    pairs, ctx = distill(tmp_path / "run", cfg)
+    assert pairs.meta["selected_iteration"] == 3
+    n = 9 if name == "lors" else 10  # LoRS counts its similarity as one pair of the budget
+    assert len(pairs) == n and pairs.meta["budget_pairs"] == 10
+    assert pairs.images.shape == (n, ctx.encoder.image_dim)
+    assert pairs.texts.shape == (n, ctx.encoder.text_dim) and pairs.texts.is_floating_point()
+    assert set(pairs.step_sizes) == {"image", "text"}
+    assert all(v > 0 for v in pairs.step_sizes.values())
+    assert pairs.meta["iterations"] == 3 and pairs.meta["buffer_key"]
+    assert [it for it, _ in pairs.meta["val_history"]] == [0, 2, 3]
+    assert torch.isfinite(pairs.images).all() and torch.isfinite(pairs.texts).all()
+    pairs.save(tmp_path / "set")
+    back = PairSet.load(tmp_path / "set")
+    assert back.loss == ("wbce" if name == "lors" else "infonce")
+    if name == "lors":
+        idx = torch.arange(n)
+        learned = back.similarity(idx)
+        assert torch.allclose(learned, pairs.similarity(idx))
+        assert not torch.allclose(learned, torch.eye(n))  # it trained
+        assert back.similarity_args == {"kind": "lowrank", "n": n, "rank": 10, "alpha": 3.0}
+        # The students train against it with the set's own loss.
+        assert student_loss_name(ctx.cfg.eval, back) == "wbce"
+        res = run_protocol(ctx.encoder, back, ctx.cfg.eval, ctx.val, None, "cpu", 0)
+        assert math.isfinite(res.summary["r_mean"]["mean"])
+    else:
+        assert back.similarity is None
+
+
+def test_matching_loss_falls(tmp_path: Path) -> None:
+    """Distillation lowers the matching loss over every (expert, start epoch) it can draw."""
+    cfg = compose_cfg("method=mtt", *FEATURE, "method.iterations=30", "method.eval_every=0")
+    ctx = context(tmp_path / "run", cfg)
+    method = get_method("mtt")(cfg.method)
+    pairs = method.distill(ctx)
+    from mmdistill.experts import Buffer
+
+    buf = Buffer(Path(pairs.meta["buffer"]))
+    student = build_student(ctx.encoder, 0, None).train()
+    layout = ParamLayout.of(student)
+
+    def mean_loss(images, texts, steps) -> float:
+        syn = Synthetic(images, texts, None, 0.1, None, {})
+        syn.step_image.data.fill_(steps["image"])
+        syn.step_text.data.fill_(steps["text"])
+        losses = []
+        for e in range(2):
+            for s in range(2):
+                seg = buf.segment(e, s, s + 1)
+                full = [torch.arange(len(images))] * 2
+                losses.append(
+                    method.grad_unroll(_Embed(student), layout, syn, seg[0], seg[1], full).item()
+                )
+        return sum(losses) / len(losses)
+
+    init_images, init_texts, _ = method._init_data(ctx, 10)
+    before = mean_loss(init_images, init_texts, {"image": 0.1, "text": 0.1})
+    after = mean_loss(pairs.images, pairs.texts, pairs.step_sizes)
+    assert after < 0.7 * before, (before, after)
+
+
+# ------------------------------------------------------------------- failures and resume
+
+
+def test_non_finite_loss_keeps_the_last_good_set(tmp_path: Path, monkeypatch) -> None:
+    cfg = compose_cfg("method=tesla", *FEATURE, "method.iterations=5", "method.eval_every=0")
+    calls = {"n": 0}
+    original = TrajectoryMatching.grad_first_order
+
+    def flaky(self, *args):
+        calls["n"] += 1
+        loss = original(self, *args)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(TrajectoryMatching, "grad_first_order", flaky)
+    ctx = context(tmp_path / "run", cfg)
+    with pytest.raises(UserError, match=r"iteration 3.*lower method\.lr_img / method\.lr_txt"):
+        get_method("tesla")(cfg.method).distill(ctx)
+    good = PairSet.load(ctx.run.path / "last_good")
+    assert good.meta["stopped_at_iteration"] == 3
+    tensors, state = ctx.run.load_checkpoint("trajectory")
+    assert state["iteration"] == 2  # the checkpoint was not overwritten by the bad step
+    assert torch.equal(good.images, tensors["syn.images"])
+
+
+def test_blown_up_step_size_stops_with_a_hint(tmp_path: Path) -> None:
+    cfg = compose_cfg("method=mtt", *FEATURE, "method.lr_teacher=1e30", "method.eval_every=0")
+    ctx = context(tmp_path / "run", cfg)
+    with pytest.raises(UserError, match="not finite"):
+        get_method("mtt")(cfg.method).distill(ctx)
+    good = PairSet.load(ctx.run.path / "last_good")
+    assert torch.isfinite(good.images).all()
+
+
+def test_resume_continues_where_the_run_stopped(tmp_path: Path) -> None:
+    base = ["method=lors", *FEATURE, "method.eval_every=0"]
+    straight, _ = distill(tmp_path / "a", compose_cfg(*base, "method.iterations=4"))
+    distill(tmp_path / "b", compose_cfg(*base, "method.iterations=2"))  # "killed" after 2
+    resumed, ctx = distill(tmp_path / "b", compose_cfg(*base, "method.iterations=4"))
+    assert ctx.run.load_checkpoint("trajectory")[1]["iteration"] == 4
+    assert torch.allclose(resumed.images, straight.images, atol=1e-6)
+    assert torch.allclose(resumed.similarity.right, straight.similarity.right, atol=1e-6)
+    assert resumed.step_sizes == pytest.approx(straight.step_sizes)
+
+
+# ---------------------------------------------------------------------------- LoRA, pixels
+
+
+def test_lora_matching_runs_in_pixel_space(tmp_path: Path) -> None:
+    cfg = compose_cfg(
+        "method=mtt_lora",
+        "budget.pairs=4",
+        "expert.num_experts=1",
+        "method.syn_steps=1",
+        "method.iterations=2",
+        "method.eval_every=0",
+        "method.lr_img=10",
+        "method.lr_txt=10",
+    )
+    pairs, ctx = distill(tmp_path / "run", cfg)
+    assert pairs.meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["c_fc", "c_proj"]}
+    full = ParamLayout.of(ctx.encoder.new_student(0)).numel
+    assert 0 < pairs.meta["matched_parameters"] < full
+    assert pairs.images.shape == (4, 3, 32, 32)
+    assert pairs.texts.dim() == 3 and pairs.text_mask.shape == pairs.texts.shape[:2]
+    assert torch.isfinite(pairs.images).all()
+
+
+def test_lora_needs_trunks_that_read_raw_inputs(tmp_path: Path) -> None:
+    cfg = compose_cfg("method=mtt_lora", *FEATURE)
+    with pytest.raises(UserError, match="train_image_trunk"):
+        distill(tmp_path / "run", cfg)
+
+
+def test_paper_presets_compose_and_dry_run(tmp_path: Path) -> None:
+    names = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+    presets = [n for n in names if n.startswith(("mtt_", "lors_"))]
+    assert len(presets) == 12
+    for name in presets:
+        cfg = compose_cfg(f"experiment={name}", small=False)
+        pairs = int(name.rsplit("_", 1)[1])
+        assert cfg.budget.pairs == pairs and cfg.encoder.name == "nfnet_bert"
+        assert cfg.expert.num_experts == 20 and cfg.eval.lr == "learned"
+        if name.startswith("lors_"):
+            assert cfg.method.count_similarity_in_budget and cfg.eval.selection == "best_test"
+    env = dict(os.environ, MMDISTILL_OUTPUTS=str(tmp_path / "out"))
+    scaled = [
+        "dataset=shapes",
+        "encoder=tiny",
+        "dataset.split_sizes=[20,10,10]",
+        "budget.pairs=6",
+        "expert.num_experts=1",
+        "expert.epochs=3",
+        "method.iterations=2",
+        "method.syn_steps=1",
+        "method.batch_syn=4",
+        "method.eval_every=0",
+        "eval.students=1",
+        "eval.steps=4",
+        "eval.eval_every=2",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmdistill.cli",
+        "distill",
+        "experiment=lors_flickr30k_500",
+        "threads=1",
+    ]
+    done = subprocess.run(cmd + scaled, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = (tmp_path / "out").rglob("results.json")
+    info = json.loads(result.read_text())
+    assert info["pairs"] == 5 and info["protocol"]["name"] == "paper_lors"
+    assert info["protocol"]["selection"] == "best_test"
+
+
+@pytest.mark.slow
+def test_lors_beats_random_on_flickr8k(real_data: Path, tmp_path: Path) -> None:
+    """LoRS at a 100-pair budget (99 pairs + the similarity) against 100 random real pairs,
+    scored by the same students on the test split. Slow: it encodes flickr8k-1k with
+    lite0_minilm unless MMDISTILL_CACHE already holds the features; the feature-space tests
+    above run the same code on shapes."""
+    cfg = compose_cfg(
+        "dataset=flickr8k",
+        f"dataset.root={real_data}",
+        "encoder=lite0_minilm",
+        "method=lors",
+        "budget.pairs=100",
+        "device=cpu",
+        "expert.num_experts=3",
+        "method.iterations=150",
+        "method.eval_every=50",
+        "eval.students=3",
+        small=False,
+    )
+    ctx, prep = prepared_context(tmp_path / "run", cfg)
+    lors = get_method("lors")(cfg.method).distill(ctx)
+    random = get_method("random")(cfg.method).distill(ctx)
+    scores = {}
+    for name, pairs in (("lors", lors), ("random", random)):
+        res = run_protocol(prep.encoder, pairs, cfg.eval, prep.test, prep.val, "cpu", 0)
+        scores[name] = res.summary["r_mean"]["mean"]
+    assert len(lors) == 99 and lors.loss == "wbce"
+    assert scores["lors"] > scores["random"] + 5, scores
