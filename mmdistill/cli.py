@@ -79,7 +79,8 @@ def resume_args(args: list[str]) -> list[str]:
             o for o in yaml.safe_load(saved.read_text()) or [] if not o.startswith("resume=")
         ]
         out = previous + out + [f"hydra.run.dir={run}", f"resume={run}"]
-    return out
+    # Flags (--cfg job, -m) go after all overrides, as Hydra expects.
+    return [a for a in out if "=" in a] + [a for a in out if "=" not in a]
 
 
 def _register_resolvers() -> None:
@@ -87,6 +88,11 @@ def _register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("basename"):
         OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name)
+    if not OmegaConf.has_resolver("budget_name"):
+        # `100` for budget.pairs=100, `r0.003` for budget.ratio=0.003 (folder names).
+        OmegaConf.register_new_resolver(
+            "budget_name", lambda pairs, ratio: f"r{ratio}" if pairs is None else str(pairs)
+        )
 
 
 def _job_app(verb: str) -> Callable[[], None]:

@@ -106,8 +106,9 @@ def _evaluate_pairs(
         "verb": cfg.verb,
         "dataset": cfg.dataset.name,
         "encoder": cfg.encoder.name,
-        "method": cfg.get("method", {}).get("name", "full") if "method" in cfg else "full",
+        "method": cfg.method.name if "method" in cfg else pairs.meta.get("method", "full"),
         "pairs": len(pairs),
+        "train_pairs": prep.train.n_pairs,
         "budget": OmegaConf.to_container(cfg.get("budget", {}), resolve=True)
         if "budget" in cfg
         else None,

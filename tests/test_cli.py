@@ -22,6 +22,7 @@ FAST = [
     "eval.steps=20",
     "budget.pairs=20",
     "device=cpu",
+    "threads=1",
 ]
 
 
