@@ -165,7 +165,7 @@ def test_methods_produce_valid_sets(tmp_path: Path, name: str) -> None:
     assert set(pairs.step_sizes) == {"image", "text"}
     assert all(v > 0 for v in pairs.step_sizes.values())
     assert pairs.meta["iterations"] == 3 and pairs.meta["buffer_key"]
-    assert [it for it, _ in pairs.meta["val_history"]] == [0, 2, 3]
+    assert [h[0] for h in pairs.meta["val_history"]] == [0, 2, 3]
     assert torch.isfinite(pairs.images).all() and torch.isfinite(pairs.texts).all()
     pairs.save(tmp_path / "set")
     back = PairSet.load(tmp_path / "set")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from mmdistill.methods.lora import LoraSettings
 from mmdistill.models.student import Student
 from mmdistill.pairs import PairSet
 from mmdistill.protocol import evaluate, train_student
+from mmdistill.runs import Run
 from mmdistill.similarity import build_similarity
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,62 @@ class Synthetic:
             loss=loss,
             meta=dict(meta),
         ).detached()
+
+
+@dataclass
+class _Loop:
+    """What one distillation run carries between iterations, and its checkpoint."""
+
+    buffer: Buffer
+    experts: list[int]
+    embed: _Embed
+    layout: ParamLayout
+    syn: Synthetic
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    meta: dict[str, Any]
+    best: dict[str, Tensor] | None = None
+    state: dict[str, Any] = field(
+        default_factory=lambda: {
+            "iteration": 0,
+            "best_val": None,
+            "best_iteration": None,
+            "best_wall": None,
+            "val_history": [],  # [iteration, val r_mean, seconds since the start]
+            "loss_history": [],
+            "seconds": 0.0,  # matching iterations only
+            "wall": 0.0,  # iterations + val checks: the time a user waits
+        }
+    )
+
+    def checkpoint(self, run: Run) -> None:
+        tensors = {f"syn.{k}": v for k, v in self.syn.snapshot().items()}
+        if self.best is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best.items()})
+        for name, p in self.syn.tensors().items():
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"momentum.{name}"] = buf
+        tensors["generator"] = self.gen.get_state()
+        run.save_checkpoint(CHECKPOINT, tensors, self.state)
+
+    def resume(self, run: Run) -> None:
+        saved = run.load_checkpoint(CHECKPOINT)
+        if saved is None:
+            return
+        tensors, self.state = saved
+        self.syn.restore(_prefixed(tensors, "syn."))
+        self.best = _prefixed(tensors, "best.") or None
+        for name, p in self.syn.tensors().items():
+            buf = tensors.get(f"momentum.{name}")
+            if buf is not None:
+                self.opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+        self.gen.set_state(tensors["generator"])
+        log.info("resuming from iteration %d", self.state["iteration"])
+
+
+def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 @METHODS.register("mtt", "mtt_lora", "tesla", "lors")
@@ -299,15 +357,11 @@ class TrajectoryMatching:
 
     # --------------------------------------------------------------------------- the loop
 
-    def distill(self, ctx: DistillContext) -> PairSet:
-        cfg = self.cfg
-        n = self.budget(ctx.pairs)
+    def _check(self, ctx: DistillContext, n: int) -> None:
         if n < 2:
             raise UserError(f"{self.name} needs at least 2 synthetic pairs; raise budget.pairs")
-        device = ctx.device
         if "expert" not in ctx.cfg:
             raise UserError(f"{self.name} needs the expert settings (conf/expert); compose them")
-        self.lora = LoraSettings.from_cfg(ctx.cfg.expert)
         need = self.max_start_epoch - 1 + self.expert_epochs
         if int(ctx.cfg.expert.epochs) < need:
             raise UserError(
@@ -315,6 +369,74 @@ class TrajectoryMatching:
                 f"{self.max_start_epoch} + expert_epochs {self.expert_epochs} need {need}; "
                 "raise expert.epochs or lower method.max_start_epoch"
             )
+
+    def _synthetic(self, ctx: DistillContext, n: int) -> Synthetic:
+        images, texts, mask = self._init_data(ctx, n)
+        similarity, sim_args = None, {}
+        if self.similarity_kind:
+            sim_args = {"kind": str(self.similarity_kind), "n": n}
+            if self.similarity_kind == "lowrank":
+                sim_args.update(rank=int(self.cfg.sim_rank), alpha=float(self.cfg.sim_alpha))
+            torch.manual_seed(ctx.seed)
+            similarity = build_similarity(**sim_args).to(ctx.device)
+        return Synthetic(
+            images.to(ctx.device),
+            texts.to(ctx.device),
+            None if mask is None else mask.to(ctx.device),
+            float(self.cfg.lr_teacher),
+            similarity,
+            sim_args,
+        )
+
+    def _optimizer(self, syn: Synthetic) -> torch.optim.Optimizer:
+        """The papers' one SGD (momentum 0.5) with a learning rate per kind of tensor."""
+        cfg = self.cfg
+        groups = [
+            {"params": [syn.images], "lr": float(cfg.lr_img)},
+            {"params": [syn.texts], "lr": float(cfg.lr_txt)},
+            {"params": [syn.step_image, syn.step_text], "lr": float(cfg.lr_lr)},
+        ]
+        if syn.similarity is not None:
+            groups.append({"params": list(syn.similarity.parameters()), "lr": float(cfg.lr_sim)})
+        return torch.optim.SGD(groups, lr=float(cfg.lr_img), momentum=float(cfg.momentum))
+
+    def _iteration(self, ctx: DistillContext, loop: _Loop, it: int) -> float:
+        """One outer step: draw expert, start epoch and batches, match, update, check."""
+        syn, gen, n = loop.syn, loop.gen, len(loop.syn.texts)
+        expert = loop.experts[int(torch.randint(len(loop.experts), (1,), generator=gen))]
+        s = int(torch.randint(self.max_start_epoch, (1,), generator=gen))
+        segment = loop.buffer.segment(expert, s, s + self.expert_epochs).to(ctx.device)
+        start, target = segment[0], segment[-1]
+        batch = min(int(self.cfg.batch_syn or n), n)
+        batches = [
+            torch.randperm(n, generator=gen)[:batch].to(ctx.device) for _ in range(self.syn_steps)
+        ]
+        before = syn.snapshot()
+        loop.opt.zero_grad(set_to_none=True)
+        compute = self.grad_unroll if self.gradient == "unroll" else self.grad_first_order
+        # Fused attention kernels have no second derivative; the math kernel does.
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = compute(loop.embed, loop.layout, syn, start, target, batches)
+        grads_ok = all(
+            v.grad is None or bool(torch.isfinite(v.grad).all()) for v in syn.tensors().values()
+        )
+        if not torch.isfinite(loss) or not grads_ok:
+            self._stop(ctx, syn, before, loop.meta, it, f"matching loss {loss.item():.4g}")
+        loop.opt.step()
+        min_step = self.cfg.get("min_step_size")
+        if min_step is not None:
+            with torch.no_grad():
+                syn.step_image.clamp_(min=float(min_step))
+                syn.step_text.clamp_(min=float(min_step))
+        if not syn.finite():
+            self._stop(ctx, syn, before, loop.meta, it, "an update that made the set non-finite")
+        return float(loss)
+
+    def distill(self, ctx: DistillContext) -> PairSet:
+        cfg = self.cfg
+        n = self.budget(ctx.pairs)
+        self._check(ctx, n)
+        self.lora = LoraSettings.from_cfg(ctx.cfg.expert)
         buf = find_or_build_buffer(
             ctx.cfg.expert,
             ctx.encoder,
@@ -323,167 +445,94 @@ class TrajectoryMatching:
             str(ctx.cfg.dataset.name),
             ctx.cfg.noise,
             Path(str(ctx.cfg.paths.cache_dir)),
-            device,
+            ctx.device,
             explicit=cfg.get("buffer"),
             say=log.info,
             progress=ctx.progress,
         )
-        student = build_student(ctx.encoder, ctx.seed, self.lora).to(device).train()
+        student = build_student(ctx.encoder, ctx.seed, self.lora).to(ctx.device).train()
         layout = ParamLayout.of(student)
-        experts = self._experts(buf, layout, int(ctx.cfg.expert.num_experts))
-        embed = _Embed(student)
         scale = cfg.get("inner_logit_scale")
         self.logit_scale = float(student.logit_scale if scale is None else scale)
-
-        images, texts, mask = self._init_data(ctx, n)
-        similarity, sim_args = None, {}
-        if self.similarity_kind:
-            sim_args = {"kind": str(self.similarity_kind), "n": n}
-            if self.similarity_kind == "lowrank":
-                sim_args.update(rank=int(cfg.sim_rank), alpha=float(cfg.sim_alpha))
-            torch.manual_seed(ctx.seed)
-            similarity = build_similarity(**sim_args).to(device)
-        syn = Synthetic(
-            images.to(device),
-            texts.to(device),
-            None if mask is None else mask.to(device),
-            float(cfg.lr_teacher),
-            similarity,
-            sim_args,
+        syn = self._synthetic(ctx, n)
+        loop = _Loop(
+            buffer=buf,
+            experts=self._experts(buf, layout, int(ctx.cfg.expert.num_experts)),
+            embed=_Embed(student),
+            layout=layout,
+            syn=syn,
+            opt=self._optimizer(syn),
+            gen=torch.Generator().manual_seed(ctx.seed),
+            meta={
+                "method": self.name,
+                "gradient": self.gradient,
+                "student_loss": self.loss_name,
+                "syn_steps": self.syn_steps,
+                "budget_pairs": ctx.pairs,
+                "pairs": n,
+                "similarity_counted_in_budget": n != ctx.pairs,
+                "buffer": str(buf.path),
+                "buffer_key": buf.key,
+                "experts": int(ctx.cfg.expert.num_experts),
+                "lora": None if self.lora is None else self.lora.as_dict(),
+                "matched_parameters": layout.numel,
+            },
         )
-        groups = [
-            {"params": [syn.images], "lr": float(cfg.lr_img)},
-            {"params": [syn.texts], "lr": float(cfg.lr_txt)},
-            {"params": [syn.step_image, syn.step_text], "lr": float(cfg.lr_lr)},
-        ]
-        if similarity is not None:
-            groups.append({"params": list(similarity.parameters()), "lr": float(cfg.lr_sim)})
-        opt = torch.optim.SGD(groups, lr=float(cfg.lr_img), momentum=float(cfg.momentum))
+        loop.resume(ctx.run)
+        iterations, eval_every = int(cfg.iterations), int(cfg.eval_every)
+        ckpt_every = int(cfg.checkpoint_every)
+        state = loop.state
+        task = None
+        if ctx.progress is not None:
+            task = ctx.progress.add_task(self.name, total=iterations, completed=state["iteration"])
+        clock = time.perf_counter() - state["wall"]
 
-        gen = torch.Generator().manual_seed(ctx.seed)
-        iterations = int(cfg.iterations)
-        eval_every, ckpt_every = int(cfg.eval_every), int(cfg.checkpoint_every)
-        state: dict[str, Any] = {
-            "iteration": 0,
-            "best_val": None,
-            "best_iteration": None,
-            "val_history": [],
-            "loss_history": [],
-            "seconds": 0.0,
-        }
-        best: dict[str, Tensor] | None = None
-        saved = ctx.run.load_checkpoint(CHECKPOINT)
-        if saved is not None:
-            tensors, state = saved
-            syn.restore({k[len("syn.") :]: v for k, v in tensors.items() if k.startswith("syn.")})
-            best_saved = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
-            best = best_saved or None
-            _load_momentum(opt, syn, tensors)
-            gen.set_state(tensors["generator"])
-            log.info("%s: resuming from iteration %d", self.name, state["iteration"])
+        def validate(it: int) -> float:
+            score = self._val_score(ctx, syn.pairset(self.loss_name, loop.meta))
+            wall = time.perf_counter() - clock
+            state["val_history"].append([it, score, wall])
+            if state["best_val"] is None or score > state["best_val"]:
+                state.update(best_val=score, best_iteration=it, best_wall=wall)
+                loop.best = syn.snapshot()
+            return score
 
-        meta = {
-            "method": self.name,
-            "gradient": self.gradient,
-            "student_loss": self.loss_name,
-            "syn_steps": self.syn_steps,
-            "budget_pairs": ctx.pairs,
-            "pairs": n,
-            "similarity_counted_in_budget": n != ctx.pairs,
-            "buffer": str(buf.path),
-            "buffer_key": buf.key,
-            "experts": len(experts),
-            "lora": None if self.lora is None else self.lora.as_dict(),
-            "matched_parameters": layout.numel,
-        }
-        task = (
-            ctx.progress.add_task(self.name, total=iterations, completed=state["iteration"])
-            if ctx.progress is not None
-            else None
-        )
-
-        def val_score() -> float:
-            pairs = syn.pairset(self.loss_name, meta)
-            return self._val_score(ctx, pairs)
-
-        def checkpoint() -> None:
-            tensors = {f"syn.{k}": v for k, v in syn.snapshot().items()}
-            if best is not None:
-                tensors.update({f"best.{k}": v for k, v in best.items()})
-            tensors.update(_momentum(opt, syn))
-            tensors["generator"] = gen.get_state()
-            ctx.run.save_checkpoint(CHECKPOINT, tensors, state)
-
-        if eval_every > 0 and state["iteration"] == 0 and not state["val_history"]:
-            score = val_score()
-            state["val_history"].append([0, score])
-            state.update(best_val=score, best_iteration=0)
-            best = syn.snapshot()
-
+        if eval_every > 0 and not state["val_history"]:
+            validate(0)
         while state["iteration"] < iterations:
             it = state["iteration"] + 1
             t0 = time.perf_counter()
-            expert = experts[int(torch.randint(len(experts), (1,), generator=gen))]
-            s = int(torch.randint(self.max_start_epoch, (1,), generator=gen))
-            segment = buf.segment(expert, s, s + self.expert_epochs).to(device)
-            start, target = segment[0], segment[-1]
-            batch = min(int(cfg.batch_syn or n), n)
-            batches = [
-                torch.randperm(n, generator=gen)[:batch].to(device) for _ in range(self.syn_steps)
-            ]
-            before = syn.snapshot()
-            opt.zero_grad(set_to_none=True)
-            compute = self.grad_unroll if self.gradient == "unroll" else self.grad_first_order
-            # Fused attention kernels have no second derivative; the math kernel does.
-            with sdpa_kernel(SDPBackend.MATH):
-                loss = compute(embed, layout, syn, start, target, batches)
-            grads_ok = all(
-                v.grad is None or bool(torch.isfinite(v.grad).all()) for v in syn.tensors().values()
-            )
-            if not torch.isfinite(loss) or not grads_ok:
-                self._stop(ctx, syn, before, meta, it, f"matching loss {loss.item():.4g}")
-            opt.step()
-            min_step = cfg.get("min_step_size")
-            if min_step is not None:
-                with torch.no_grad():
-                    syn.step_image.clamp_(min=float(min_step))
-                    syn.step_text.clamp_(min=float(min_step))
-            if not syn.finite():
-                self._stop(ctx, syn, before, meta, it, "an update that made the set non-finite")
+            loss = self._iteration(ctx, loop, it)
             state["seconds"] += time.perf_counter() - t0
             state["iteration"] = it
             if it % max(1, iterations // 100) == 0 or it == iterations:
-                state["loss_history"].append([it, float(loss)])
+                state["loss_history"].append([it, loss])
             if eval_every > 0 and (it % eval_every == 0 or it == iterations):
-                score = val_score()
-                state["val_history"].append([it, score])
+                score = validate(it)
                 log.info("%s it %d: match %.4f, val r_mean %.2f", self.name, it, loss, score)
-                if state["best_val"] is None or score > state["best_val"]:
-                    state.update(best_val=score, best_iteration=it)
-                    best = syn.snapshot()
+            state["wall"] = time.perf_counter() - clock
             if ckpt_every > 0 and (it % ckpt_every == 0 or it == iterations):
-                checkpoint()
+                loop.checkpoint(ctx.run)
             if task is not None:
                 ctx.progress.update(task, completed=it)
         if task is not None:
             ctx.progress.remove_task(task)
 
-        done = state["iteration"]
-        if best is not None and str(cfg.select) == "best_val":
-            syn.restore(best)
+        selected = state["iteration"]
+        if loop.best is not None and str(cfg.select) == "best_val":
+            syn.restore(loop.best)
             selected = state["best_iteration"]
-        else:
-            selected = done
-        meta.update(
-            iterations=done,
+        loop.meta.update(
+            iterations=state["iteration"],
             selected_iteration=selected,
             selection=str(cfg.select),
             best_val_r_mean=state["best_val"],
+            seconds_to_best_val=state["best_wall"],
+            seconds=state["wall"],
             val_history=state["val_history"],
             loss_history=state["loss_history"],
-            seconds_per_iteration=state["seconds"] / max(done, 1),
+            seconds_per_iteration=state["seconds"] / max(state["iteration"], 1),
         )
-        return syn.pairset(self.loss_name, meta)
+        return syn.pairset(self.loss_name, loop.meta)
 
     def _val_score(self, ctx: DistillContext, pairs: PairSet) -> float:
         """Mean val r_mean of a few students trained on the current set (fixed seeds)."""
@@ -531,19 +580,3 @@ def _noise_like(x: Tensor, gen: torch.Generator) -> Tensor:
     """Gaussian noise with the per-dimension mean and std of the real rows."""
     mean, std = x.mean(dim=0, keepdim=True), x.std(dim=0, keepdim=True)
     return mean + std * torch.randn(x.shape, generator=gen)
-
-
-def _momentum(opt: torch.optim.Optimizer, syn: Synthetic) -> dict[str, Tensor]:
-    out = {}
-    for name, p in syn.tensors().items():
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            out[f"momentum.{name}"] = buf
-    return out
-
-
-def _load_momentum(opt: torch.optim.Optimizer, syn: Synthetic, tensors: dict[str, Tensor]) -> None:
-    for name, p in syn.tensors().items():
-        buf = tensors.get(f"momentum.{name}")
-        if buf is not None:
-            opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
