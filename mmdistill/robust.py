@@ -7,37 +7,37 @@ pairs. Only the abstract and a review are public; this is our reading, every kno
 
 * Two tracks, A and B, each with its own random partition of the training *images* into
   `folds` folds (pairs follow their image).
-* Per-pair split (detection): a track scores every pair with a scorer student that never saw
-  that pair: for each fold, a fresh student trains `scorer_steps` steps on the other folds (the
-  encoder's tuned student recipe: AdamW, weight decay, feature dropout) and computes the
-  held-out pairs' symmetric InfoNCE against the other held-out pairs (other captions of the
-  same image masked). The losses are min-max scaled and split by a two-component 1-D Gaussian
-  mixture fitted with EM (`fit_gmm_1d`, the DivideMix / NCR recipe); a pair is clean when its
-  posterior under the low-loss component exceeds `threshold`. Cross-fitting is our addition:
-  a linear head memorises shuffled captions within two epochs (in-sample loss AUC falls from
-  0.71 to 0.50 on flickr8k-1k at ratio 0.5), so an in-sample split cannot find them.
-* Co-teaching: from round 2 on (`rounds`), a track's scorers train their standard InfoNCE only
-  on the pairs the *other* track called clean, plus `comp_weight` x a complementary contrastive
-  loss on all pairs (RCL, Hu et al. TPAMI 2023: for each anchor, -sum_{j != i} log(1 - p_ij) with
-  p the in-batch softmax; it learns from "image i is not text j" labels, which a random shuffle
-  almost never corrupts, and its gradient stays bounded, hence the noise tolerance). Neither
-  track confirms its own mistakes.
-* The final clean set is the pairs both tracks call clean; its precision and recall against the
-  saved noise mask are measured after every round.
-* Recorded experts: both tracks then train from a fresh initialisation with the ordinary expert
-  settings (SGD, `expert.*`), each on the other track's clean pairs (InfoNCE) plus the
-  complementary loss on all pairs, and their parameters are snapshot after every epoch. The
-  trajectories start where evaluation students start (random heads), so a matched segment is
-  robust training from scratch, not a warmed-up model.
+* Per-pair split: a track scores every pair with a scorer student that never saw that pair:
+  per fold, a fresh student trains `scorer_steps` steps on the other folds (the encoder's tuned
+  student recipe: AdamW, weight decay, feature dropout) and computes each held-out pair's
+  symmetric InfoNCE against the other held-out pairs (other captions of the same image
+  masked). The losses are min-max scaled and split by a two-component 1-D Gaussian mixture
+  fitted with EM (`fit_gmm_1d`, the DivideMix / NCR recipe); a pair's clean probability is its
+  posterior under the low-loss component. Cross-fitting is our addition: a linear head
+  memorises shuffled captions within a few epochs (in-sample loss AUC falls from 0.71 after
+  one epoch to 0.50 after five on flickr8k-1k at ratio 0.5), so an in-sample split cannot
+  find them; held out, the AUC is about 0.92.
+* Co-teaching over `rounds`: from round 2 on, a track's scorers train their InfoNCE only on the
+  pairs the *other* track called clean last round (posterior > `threshold`), plus
+  `comp_weight` x a complementary contrastive loss on all pairs (RCL, Hu et al. TPAMI 2023:
+  for each anchor, -sum_{j != i} log(1 - p_ij) with p the in-batch softmax; it learns from
+  "image i is not text j" labels, which a random shuffle almost never corrupts, and its
+  gradient stays bounded, hence the noise tolerance). Neither track confirms its own mistakes.
+* The final clean set is the pairs both tracks give a posterior above `select_threshold`; its
+  precision and recall against the saved noise mask are measured after every round.
+* Detection runs once per buffer. Expert i then belongs to track i % 2 and trains from a fresh
+  initialisation with the ordinary expert settings (SGD, `expert.*`) on InfoNCE over the
+  *other* track's clean pairs plus the complementary loss on all pairs; its parameters are
+  snapshot after every epoch. Trajectories start where evaluation students start (random
+  heads), so a matched segment is robust training from scratch, not a warmed-up model.
 
-Each run r stores its two tracks as experts 2r and 2r+1 of an ordinary
-`mmdistill.experts.Buffer`, plus `clean_prob_<r>.safetensors` (per-pair clean probability, mean
-of the tracks, and the consensus selection) and the detection scores in the metadata.
+The experts live in an ordinary `mmdistill.experts.Buffer` whose key hashes the noise node
+extended with these settings (`robust_noise_cfg`), next to `detection.safetensors` (both
+tracks' clean probabilities) and `detection.json` (per-round scores, the final clean set's).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -237,7 +237,7 @@ class DualTrackSettings:
 
     folds: int = 4
     rounds: int = 3
-    scorer_steps: int = 300
+    scorer_steps: int = 600
     scorer_batch: int = 128
     scorer_lr: float = 1e-3
     scorer_trunk_lr: float = 1e-4
@@ -245,6 +245,7 @@ class DualTrackSettings:
     scorer_dropout: float = 0.7
     comp_weight: float = 1.0
     threshold: float = 0.5
+    select_threshold: float = 0.8
     eval_batch: int = 1024
 
     @classmethod
@@ -263,10 +264,10 @@ class DualTrackSettings:
             raise UserError(
                 "method.dual needs folds >= 2, rounds >= 1, scorer_steps >= 1, scorer_batch >= 2"
             )
-        if not 0.0 < s.threshold < 1.0 or s.eval_batch < 2 or s.comp_weight < 0:
-            raise UserError(
-                "method.dual.threshold must be in (0, 1), eval_batch >= 2, comp_weight >= 0"
-            )
+        if not (0.0 < s.threshold < 1.0 and 0.0 < s.select_threshold < 1.0):
+            raise UserError("method.dual.threshold and select_threshold must be in (0, 1)")
+        if s.eval_batch < 2 or s.comp_weight < 0:
+            raise UserError("method.dual.eval_batch must be >= 2 and comp_weight >= 0")
         return s
 
     def as_dict(self) -> dict[str, Any]:
@@ -317,130 +318,113 @@ def _scorer_losses(
     return losses
 
 
+@dataclass
+class Detection:
+    """Both tracks' final per-pair clean probabilities and the per-round scores."""
+
+    prob: tuple[Tensor, Tensor]  # [n_pairs] each
+    history: list[dict[str, Any]]
+    seconds: float
+
+    def selected(self, track: int, threshold: float) -> Tensor:
+        return self.prob[track] > threshold
+
+    def consensus(self, threshold: float) -> Tensor:
+        """The final clean set: pairs both tracks call clean at `threshold`."""
+        return self.selected(0, threshold) & self.selected(1, threshold)
+
+
+def _keep(prob: Tensor, threshold: float) -> Tensor:
+    keep = prob > threshold
+    return keep if keep.sum() >= 2 else torch.ones_like(keep)  # degenerate fit: keep all
+
+
 def detect_clean_pairs(
     encoder: Encoder,
     train: RealSplit,
     dual: DualTrackSettings,
-    seeds: tuple[int, int],
+    seed: int,
     device: str,
     true_clean: Tensor | None = None,
     say: Callable[[str], None] = log.info,
-) -> tuple[list[Tensor], list[Tensor], list[dict[str, Any]]]:
-    """Cross-fitted co-teaching: per-track clean probabilities and selections, and history."""
+) -> Detection:
+    """Cross-fitted co-teaching of tracks A and B over `dual.rounds` rounds."""
+    t0 = time.perf_counter()
+    seeds = (seed, seed + 1)
     gens = [torch.Generator().manual_seed(s * 7919 + 1) for s in seeds]
-    folds = [_image_folds(int(train.caption_image.max()) + 1, dual.folds, g) for g in gens]
-    fold_of_pair = [f[train.caption_image] for f in folds]
-    probs: list[Tensor] = [torch.ones(train.n_pairs)] * 2
+    n_images = int(train.caption_image.max()) + 1
+    fold_of_pair = [_image_folds(n_images, dual.folds, g)[train.caption_image] for g in gens]
+    probs: list[Tensor] = []
     keeps: list[Tensor | None] = [None, None]
     history: list[dict[str, Any]] = []
     for r in range(dual.rounds):
-        new_probs, new_keeps = [], []
-        for k in range(2):
-            # Track k's scorers learn from the pairs the other track called clean.
-            losses = _scorer_losses(
-                encoder, train, dual, fold_of_pair[k], keeps[1 - k], seeds[k], device, gens[k]
+        # Track k's scorers learn from the pairs the other track called clean last round.
+        probs = [
+            clean_probability(
+                _scorer_losses(
+                    encoder, train, dual, fold_of_pair[k], keeps[1 - k], seeds[k], device, gens[k]
+                )
             )
-            prob = clean_probability(losses)
-            keep = prob > dual.threshold
-            if keep.sum() < 2:  # a degenerate fit: keep everything rather than nothing
-                keep = torch.ones_like(keep)
-            new_probs.append(prob)
-            new_keeps.append(keep)
-        probs, keeps = new_probs, new_keeps
-        both = keeps[0] & keeps[1]
-        entry = {"round": r + 1, "consensus": detection_scores(both, true_clean)}
-        entry.update({f"track_{'AB'[k]}": detection_scores(keeps[k], true_clean) for k in (0, 1)})
+            for k in (0, 1)
+        ]
+        keeps = [_keep(p, dual.threshold) for p in probs]
+        det = Detection((probs[0], probs[1]), history, 0.0)
+        entry: dict[str, Any] = {
+            "round": r + 1,
+            "consensus": detection_scores(det.consensus(dual.select_threshold), true_clean),
+        }
+        for k in (0, 1):
+            entry[f"track_{'AB'[k]}"] = detection_scores(
+                det.selected(k, dual.select_threshold), true_clean
+            )
         history.append(entry)
         say(
-            f"dual-track round {r + 1}: consensus "
+            f"dual-track round {r + 1}: clean set "
             + ", ".join(f"{a} {b:.3f}" for a, b in entry["consensus"].items())
         )
-    return probs, [keeps[0], keeps[1]], history
+    return Detection((probs[0], probs[1]), history, time.perf_counter() - t0)
 
 
-@dataclass
-class DualTrackRun:
-    trajectories: tuple[Tensor, Tensor]
-    layout: ParamLayout
-    stats: tuple[dict[str, Any], dict[str, Any]]
-    clean_prob: Tensor
-    clean: Tensor
-
-
-def train_dual_track(
+def train_robust_expert(
     encoder: Encoder,
     train: RealSplit,
     val: RealSplit | None,
     settings: ExpertSettings,
-    dual: DualTrackSettings,
-    run: int,
+    keep: Tensor,
+    comp_weight: float,
+    index: int,
     device: str,
-    true_clean: Tensor | None = None,
     on_epoch: Callable[[int], None] | None = None,
-    say: Callable[[str], None] = log.info,
-) -> DualTrackRun:
-    """Detection, then the recorded trajectories of tracks 2*run and 2*run+1."""
-    seeds = (settings.seed + 2 * run, settings.seed + 2 * run + 1)
+) -> tuple[Tensor, ParamLayout, dict[str, Any]]:
+    """An expert with the ordinary SGD settings on InfoNCE(kept pairs) + complementary(all)."""
+    seed = settings.seed + index
+    student = build_student(encoder, seed, settings.lora).to(device).train()
+    layout = ParamLayout.of(student)
+    params = dict(student.named_parameters())
+    opt = torch.optim.SGD(
+        [params[n] for n in layout.names], lr=settings.lr, momentum=settings.momentum
+    )
+    gen = torch.Generator().manual_seed(seed)
+    snapshots = [layout.flatten(student).cpu()]
     t0 = time.perf_counter()
-    probs, keeps, history = detect_clean_pairs(encoder, train, dual, seeds, device, true_clean, say)
-    consensus = keeps[0] & keeps[1]
-    if consensus.sum() < 2:
-        consensus = keeps[0] | keeps[1]
-    detect_seconds = time.perf_counter() - t0
-
-    gen = torch.Generator().manual_seed(seeds[0] * 7919 + 2)
-    students, layouts, snaps, opts = [], [], [], []
-    for s in seeds:
-        student = build_student(encoder, s, settings.lora).to(device).train()
-        layout = ParamLayout.of(student)
-        params = dict(student.named_parameters())
-        opts.append(
-            torch.optim.SGD(
-                [params[n] for n in layout.names], lr=settings.lr, momentum=settings.momentum
-            )
-        )
-        students.append(student)
-        layouts.append(layout)
-        snaps.append([layout.flatten(student).cpu()])
     n = train.n_pairs
     for epoch in range(settings.epochs):
-        for k in range(2):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, settings.batch_size):
-                idx = order[start : start + settings.batch_size]
-                if len(idx) < 2:
-                    continue
-                loss = _batch_loss(students[k], train, idx, keeps[1 - k], dual.comp_weight, device)
-                opts[k].zero_grad(set_to_none=True)
-                loss.backward()
-                opts[k].step()
-            snaps[k].append(layouts[k].flatten(students[k]).cpu())
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            if len(idx) < 2:
+                continue
+            loss = _batch_loss(student, train, idx, keep, comp_weight, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        snapshots.append(layout.flatten(student).cpu())
         if on_epoch:
             on_epoch(epoch + 1)
-    final = detection_scores(consensus, true_clean)
-    stats = []
-    for k in range(2):
-        s: dict[str, Any] = {
-            "index": 2 * run + k,
-            "seed": seeds[k],
-            "track": "AB"[k],
-            "seconds": time.perf_counter() - t0,
-            "detect_seconds": detect_seconds,
-            "dual_track": dual.as_dict(),
-            "trained_on": "pairs the other track called clean (InfoNCE) + all (complementary)",
-            "detection_final": final,
-            "detection_history": history,
-        }
-        if val is not None:
-            s["val_r_mean"] = evaluate(students[k], val, device)["r_mean"]
-        stats.append(s)
-    return DualTrackRun(
-        trajectories=(torch.stack(snaps[0]), torch.stack(snaps[1])),
-        layout=layouts[0],
-        stats=(stats[0], stats[1]),
-        clean_prob=0.5 * (probs[0] + probs[1]),
-        clean=consensus,
-    )
+    stats: dict[str, Any] = {"index": index, "seed": seed, "seconds": time.perf_counter() - t0}
+    if val is not None:
+        stats["val_r_mean"] = evaluate(student, val, device)["r_mean"]
+    return torch.stack(snapshots), layout, stats
 
 
 # ------------------------------------------------------------------------------ the buffer
@@ -454,16 +438,12 @@ def robust_noise_cfg(noise: DictConfig, dual: DualTrackSettings) -> DictConfig:
     return out
 
 
-def clean_prob_path(buf: Buffer, run: int) -> Path:
-    return buf.path / f"clean_prob_{run:03d}.safetensors"
-
-
 @dataclass
 class RobustBuffer:
     buffer: Buffer
-    clean_prob: Tensor  # [n_pairs], mean over runs
-    clean: Tensor  # [n_pairs] bool, the consensus of the first run
-    detection: list[dict[str, Any]]  # each run's final scores
+    detection: Detection
+    clean: Tensor  # [n_pairs] bool: the final clean set (both tracks agree)
+    scores: dict[str, float]  # its precision / recall against the noise mask (if known)
 
 
 def find_or_build_robust_buffer(
@@ -480,11 +460,12 @@ def find_or_build_robust_buffer(
     say: Callable[[str], None] = log.info,
     progress: Any = None,
 ) -> RobustBuffer:
-    """The dual-track buffer for this data, training the runs it lacks.
+    """The dual-track buffer for this data: detection once, then the experts it lacks.
 
-    The key is `buffer_key` over the noise node extended with the dual-track settings
+    Expert i belongs to track i % 2 and trains on the pairs the *other* track selected. The key
+    is `buffer_key` over the noise node extended with the dual-track settings
     (`robust_noise_cfg`), so plain and dual-track experts never mix, and a plain
-    `find_or_build_buffer` call with that node finds these experts.
+    `find_or_build_buffer` call given that node finds these experts.
     """
     settings = ExpertSettings.from_cfg(expert_cfg)
     key, parts = buffer_key(encoder, train, dataset_name, robust_noise_cfg(noise, dual), settings)
@@ -492,48 +473,47 @@ def find_or_build_robust_buffer(
     if not (path / "buffer.json").is_file():
         io.write_json(path / "buffer.json", {"key": key, "parts": parts})
     buf = Buffer(path)
-    probs, cleans, finals = [], [], []
-    for r in range(math.ceil(int(expert_cfg.num_experts) / 2)):
-        have = all(buf.expert_path(i).is_file() for i in (2 * r, 2 * r + 1))
-        if have and clean_prob_path(buf, r).is_file():
-            saved = io.load_tensors(clean_prob_path(buf, r))
-            probs.append(saved["clean_prob"])
-            cleans.append(saved["clean"].bool())
-            finals.append(json.loads(buf.metadata(2 * r)["stats"])["detection_final"])
+    det_path = path / "detection.safetensors"
+    if det_path.is_file():
+        t = io.load_tensors(det_path)
+        info = io.read_json(path / "detection.json")
+        det = Detection((t["prob_a"], t["prob_b"]), info["history"], info["seconds"])
+    else:
+        say("dual-track detection: cross-fitted co-teaching of two tracks")
+        det = detect_clean_pairs(encoder, train, dual, settings.seed, device, true_clean, say)
+        io.save_tensors(det_path, {"prob_a": det.prob[0], "prob_b": det.prob[1]})
+    clean = det.consensus(dual.select_threshold)
+    scores = detection_scores(clean, true_clean)
+    io.write_json(
+        path / "detection.json",
+        {"history": det.history, "seconds": det.seconds, "final": scores},
+    )
+    for i in range(int(expert_cfg.num_experts)):
+        if buf.expert_path(i).is_file():
             continue
-        say(f"dual-track experts {2 * r}, {2 * r + 1}: training ({settings.epochs} epochs)")
-        task = progress.add_task(f"dual-track run {r}", total=settings.epochs) if progress else None
+        task = progress.add_task(f"robust expert {i}", total=settings.epochs) if progress else None
 
         def on_epoch(e: int, t: Any = task) -> None:
             if t is not None:
                 progress.update(t, completed=e)
 
-        res = train_dual_track(
-            encoder,
-            train,
-            val,
-            settings,
-            dual,
-            r,
-            device,
-            true_clean,
-            on_epoch=on_epoch,
-            say=say,
+        keep = _keep(det.prob[1 - i % 2], dual.select_threshold)
+        traj, layout, stats = train_robust_expert(
+            encoder, train, val, settings, keep, dual.comp_weight, i, device, on_epoch
         )
+        stats.update(
+            track="AB"[i % 2],
+            trained_on=f"InfoNCE on track {'BA'[i % 2]}'s clean pairs + complementary on all",
+            kept_pairs=int(keep.sum()),
+            detection=scores,
+            detection_history=det.history,
+            dual_track=dual.as_dict(),
+        )
+        buf.write_expert(i, traj, layout, stats)
         if task is not None:
             progress.remove_task(task)
-        for k in range(2):
-            buf.write_expert(2 * r + k, res.trajectories[k], res.layout, res.stats[k])
-        io.save_tensors(
-            clean_prob_path(buf, r),
-            {"clean_prob": res.clean_prob, "clean": res.clean.to(torch.uint8)},
-        )
-        probs.append(res.clean_prob)
-        cleans.append(res.clean)
-        finals.append(res.stats[0]["detection_final"])
         say(
-            f"dual-track run {r}: {res.stats[0]['seconds']:.1f}s, clean-pair detection "
-            + ", ".join(f"{a} {b:.3f}" for a, b in res.stats[0]["detection_final"].items())
+            f"robust expert {i}: {stats['seconds']:.1f}s"
+            + (f", val r_mean {stats['val_r_mean']:.2f}" if "val_r_mean" in stats else "")
         )
-    io.write_json(path / "detection.json", {"runs": finals})
-    return RobustBuffer(buf, torch.stack(probs).mean(0), cleans[0], finals)
+    return RobustBuffer(buf, det, clean, scores)

@@ -1,0 +1,106 @@
+"""Noise injection (`noise=shuffle`): exact fraction, determinism, clean val/test, mask, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mmdistill.data import build_dataset
+from mmdistill.data.base import ImageTextSet, split_from_records
+from mmdistill.data.noise import apply_noise, load_mask
+from mmdistill.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes() -> ImageTextSet:
+    cfg = OmegaConf.load(REPO / "conf" / "dataset" / "shapes.yaml")
+    cfg.split_sizes = [40, 10, 10]
+    return build_dataset(cfg)
+
+
+def shuffle(ratio: float, seed: int = 0) -> OmegaConf:
+    return OmegaConf.create({"name": "shuffle", "ratio": ratio, "seed": seed})
+
+
+def test_exact_fraction_of_images_get_other_captions(shapes: ImageTextSet, tmp_path: Path) -> None:
+    noisy = apply_noise(shapes, shuffle(0.5), tmp_path)
+    before, after = shapes.train.rows["captions"], noisy.train.rows["captions"]
+    changed = torch.tensor([a != b for a, b in zip(before, after, strict=True)])
+    assert int(changed.sum()) == 20  # exactly round(0.5 * 40) images, none kept its own
+    mask = load_mask(tmp_path)
+    assert mask is not None
+    assert torch.equal(mask.image_clean, ~changed)
+    # Pairs follow their image: a caption is corrupted exactly when its image is.
+    caption_image = torch.as_tensor(noisy.train.caption_image)
+    assert torch.equal(mask.pair_clean, mask.image_clean[caption_image])
+    assert int((~mask.pair_clean).sum()) == mask.info["corrupted_pairs"] == 100
+    # The corrupted images hold a permutation of the corrupted images' caption lists.
+    src = mask.caption_source
+    assert sorted(src[changed].tolist()) == sorted(torch.nonzero(changed).flatten().tolist())
+    for i in torch.nonzero(changed).flatten().tolist():
+        assert after[i] == before[int(src[i])]
+    assert (tmp_path / "noise.json").is_file()
+
+
+def test_deterministic_from_seed(shapes: ImageTextSet, tmp_path: Path) -> None:
+    a = apply_noise(shapes, shuffle(0.3, seed=5), tmp_path / "a")
+    b = apply_noise(shapes, shuffle(0.3, seed=5), tmp_path / "b")
+    c = apply_noise(shapes, shuffle(0.3, seed=6), tmp_path / "c")
+    assert a.train.rows["captions"] == b.train.rows["captions"]
+    assert a.train.fingerprint == b.train.fingerprint
+    assert a.train.rows["captions"] != c.train.rows["captions"]
+    assert a.train.fingerprint != c.train.fingerprint
+
+
+def test_val_test_untouched_and_fingerprints(shapes: ImageTextSet, tmp_path: Path) -> None:
+    noisy = apply_noise(shapes, shuffle(0.5), tmp_path)
+    for name in ("val", "test"):
+        assert noisy.split(name).fingerprint == shapes.split(name).fingerprint
+        assert noisy.split(name).rows["captions"] == shapes.split(name).rows["captions"]
+    # The train split (and so every cache keyed by it) changes; images stay where they were.
+    assert noisy.train.fingerprint != shapes.train.fingerprint
+    assert noisy.fingerprint != shapes.fingerprint
+    assert noisy.train.rows["image_id"] == shapes.train.rows["image_id"]
+    # A different ratio is different data, so a different fingerprint.
+    other = apply_noise(shapes, shuffle(0.2), tmp_path / "other")
+    assert other.train.fingerprint not in (noisy.train.fingerprint, shapes.train.fingerprint)
+
+
+def test_ratio_zero_is_clean_data_with_an_all_clean_mask(
+    shapes: ImageTextSet, tmp_path: Path
+) -> None:
+    same = apply_noise(shapes, shuffle(0.0), tmp_path)
+    assert same.train.fingerprint == shapes.train.fingerprint
+    mask = load_mask(tmp_path)
+    assert mask is not None and bool(mask.pair_clean.all())
+    assert load_mask(tmp_path / "nowhere") is None
+    assert apply_noise(shapes, OmegaConf.create({"name": "none"}), tmp_path) is shapes
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, "half"])
+def test_bad_ratio_is_one_line(shapes: ImageTextSet, tmp_path: Path, ratio) -> None:
+    with pytest.raises(UserError, match="noise.ratio") as err:
+        apply_noise(shapes, shuffle(ratio), tmp_path)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "noise.safetensors").exists()
+
+
+def test_single_corrupted_image_and_unknown_noise(shapes: ImageTextSet, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="single image"):
+        apply_noise(shapes, shuffle(0.02), tmp_path)  # round(0.02 * 40) = 1
+    with pytest.raises(UserError, match="unknown noise 'blur'"):
+        apply_noise(shapes, OmegaConf.create({"name": "blur", "ratio": 0.1}), tmp_path)
+
+
+def test_one_caption_per_image_is_refused(shapes: ImageTextSet, tmp_path: Path) -> None:
+    ims = shapes.train.images(range(4))
+    split = split_from_records("train", ["a", "b", "c", "d"], ims, [["x"], ["y"], ["z"], ["w"]])
+    data = ImageTextSet("one", split, shapes.val, shapes.test)
+    with pytest.raises(UserError, match="one caption per image") as err:
+        apply_noise(data, shuffle(0.5), tmp_path)
+    assert "\n" not in str(err.value)
