@@ -14,6 +14,7 @@ from mmdistill.errors import UserError
 from mmdistill.jobs import prepare
 from mmdistill.methods import DistillContext, get_method
 from mmdistill.methods.coresets import _retrieved, forgetting_counts, herding, kcenter
+from mmdistill.pairs import PairSet
 from mmdistill.runs import Run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,8 +76,8 @@ def test_in_batch_retrieval_counts_a_sibling_caption_as_a_hit() -> None:
 
 
 SHAPES = ["dataset.split_sizes=[60,20,30]", "eval.students=1", "eval.steps=5"]
-# A short forgetting run: 3 epochs of 6 batches over the 300 shapes pairs.
-SHORT = {"forgetting": ["method.epochs=3", "method.batch_size=50"]}
+# A short forgetting run: 2 epochs of 3 batches over the 300 shapes pairs.
+SHORT = {"forgetting": ["method.epochs=2", "method.batch_size=100"]}
 
 
 def method_cfg(name: str) -> DictConfig:
@@ -88,10 +89,14 @@ def shapes_ctx(tmp_path_factory: pytest.TempPathFactory) -> DistillContext:
     return context(tmp_path_factory.mktemp("run"), compose_cfg(*SHAPES), 24)
 
 
+@pytest.fixture(scope="module")
+def selections(shapes_ctx) -> dict[str, PairSet]:
+    return {name: get_method(name)(method_cfg(name)).distill(shapes_ctx) for name in CORESETS}
+
+
 @pytest.mark.parametrize("name", CORESETS)
-def test_each_coreset_returns_distinct_valid_real_pairs(name: str, shapes_ctx) -> None:
-    ctx = shapes_ctx
-    pairs = get_method(name)(method_cfg(name)).distill(ctx)
+def test_each_coreset_returns_distinct_valid_real_pairs(name: str, shapes_ctx, selections) -> None:
+    ctx, pairs = shapes_ctx, selections[name]
     idx = pairs.meta["source_pairs"]
     assert len(pairs) == ctx.pairs == len(set(idx))
     assert all(0 <= i < ctx.train.n_pairs for i in idx)
@@ -102,12 +107,11 @@ def test_each_coreset_returns_distinct_valid_real_pairs(name: str, shapes_ctx) -
         assert "our re-run" in pairs.meta["provenance"]
 
 
-def test_forgetting_keeps_the_most_forgotten_pairs(shapes_ctx) -> None:
-    ctx = shapes_ctx
-    counts, learned = forgetting_counts(ctx, epochs=3, batch=50)
+def test_forgetting_keeps_the_most_forgotten_pairs(shapes_ctx, selections) -> None:
+    ctx, pairs = shapes_ctx, selections["forgetting"]
+    counts, learned = forgetting_counts(ctx, epochs=2, batch=100)
     assert counts.shape == (ctx.train.n_pairs,) and (counts >= 0).all()
     assert (counts[~learned] == counts.max()).all()
-    pairs = get_method("forgetting")(method_cfg("forgetting")).distill(ctx)
     chosen = torch.tensor(pairs.meta["source_pairs"])
     rest = torch.ones(len(counts), dtype=torch.bool)
     rest[chosen] = False

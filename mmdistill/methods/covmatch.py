@@ -237,7 +237,11 @@ class CovMatch:
         mask = syn.get("text_mask")
         mask = None if mask is None else mask.to(ctx.device)
         opt = torch.optim.SGD(
-            [images, texts], lr=float(self.cfg.lr), momentum=float(self.cfg.momentum)
+            [
+                {"params": [images], "lr": float(self.cfg.lr)},
+                {"params": [texts], "lr": float(self.cfg.lr_text)},
+            ],
+            momentum=float(self.cfg.momentum),
         )
         if saved is not None and "momentum.images" in saved[0]:
             for p, key in ((images, "images"), (texts, "texts")):
@@ -287,7 +291,8 @@ class CovMatch:
                 raise UserError(
                     f"CovMatch loss became {loss.item()} at step {step}; the last good synthetic "
                     f"set stays in {ctx.run.path / 'checkpoints'}; lower method.lr (now "
-                    f"{self.cfg.lr}) and resume with resume={ctx.run.path} method.lr=..."
+                    f"{self.cfg.lr}, method.lr_text {self.cfg.lr_text}) and resume with "
+                    f"resume={ctx.run.path} method.lr=..."
                 )
             images.grad, texts.grad = grads
             opt.step()

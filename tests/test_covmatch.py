@@ -1,0 +1,290 @@
+"""CovMatch: the loss and its gradients, the per-budget settings, bad input, resume, a CLI run
+on shapes, and the real-data comparison with random pairs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from mmdistill import io
+from mmdistill.errors import UserError
+from mmdistill.jobs import prepare
+from mmdistill.methods import DistillContext, get_method
+from mmdistill.methods.covmatch import CovMatch, covmatch_loss, cross_covariance
+from mmdistill.models.encoders import build_encoder
+from mmdistill.models.student import TextTrunk
+from mmdistill.pairs import PairSet
+from mmdistill.protocol import run_protocol
+from mmdistill.runs import Run
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["dataset.split_sizes=[60,20,30]", "eval.students=1", "eval.steps=5"]
+# Frozen tiny trunks: the feature-space code path (what lite0_minilm uses) at shapes speed.
+FROZEN = ["encoder.train_image_trunk=false", "encoder.train_text_trunk=false"]
+SHORT = ["method.steps=20", "method.reset_every=5", "method.checkpoint_every=10"]
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose("distill", overrides=["device=cpu", "method=covmatch", *overrides])
+
+
+def context(run_dir: Path, cfg: DictConfig, pairs: int) -> tuple[DistillContext, object]:
+    run = Run(run_dir, "distill", "cpu", int(cfg.seed))
+    prep = prepare(cfg, "cpu", run, None)
+    ctx = DistillContext(cfg, prep.encoder, prep.train, prep.val, pairs, "cpu", 0, run)
+    return ctx, prep
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def test_cross_covariance_is_the_centred_unbiased_cross_block() -> None:
+    gen = torch.Generator().manual_seed(0)
+    v, t = torch.randn(50, 6, generator=gen) + 3, torch.randn(50, 4, generator=gen)
+    full = torch.cov(torch.cat([v, t], 1).T)  # divisor n - 1
+    torch.testing.assert_close(cross_covariance(v, t), full[:6, 6:])
+
+
+def _features(n: int, seed: int, centre: bool = False) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, 12, generator=gen)
+    t = v[:, :5] @ torch.randn(5, 7, generator=gen) + 0.3 * torch.randn(n, 7, generator=gen)
+    if centre:
+        v, t = v - v.mean(0), t - t.mean(0)
+    return v, t
+
+
+def _heads() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    return nn.Linear(12, 3), nn.Linear(7, 3)
+
+
+@pytest.mark.parametrize("rho", [1.0, 2.0])
+def test_loss_is_zero_exactly_when_synthetic_statistics_are_rho_times_real(rho: float) -> None:
+    real = _features(64, 0, centre=True)
+    # Scaling both modalities by sqrt(rho) scales the cross-covariance by rho; means stay 0.
+    matched = tuple(x * rho**0.5 for x in _features(64, 0, centre=True))
+    loss, parts = covmatch_loss(real, matched, _heads(), rho, 0.5)
+    assert abs(loss.item()) < 1e-3 * parts["cov"] + 1e-4
+    other = _features(30, 1)
+    loss, parts = covmatch_loss(real, other, _heads(), rho, 0.5)
+    assert parts["cov"] > 0.1 and parts["mean"] > 0.01 and loss.item() > parts["cov"]
+
+
+def test_loss_matches_the_direct_formula_in_both_real_statistics_paths() -> None:
+    real, syn, heads = _features(80, 0), _features(20, 1), _heads()
+    cov = (2 * cross_covariance(*real) - cross_covariance(*syn)).pow(2).sum()
+    mean = sum(
+        (h(r).mean(0) - h(s).mean(0)).pow(2).sum() for h, r, s in zip(heads, real, syn, strict=True)
+    )
+    batch, _ = covmatch_loss(real, syn, heads, 2.0, 0.3)
+    means = tuple(x.mean(0, keepdim=True) for x in real)
+    full, _ = covmatch_loss(means, syn, heads, 2.0, 0.3, real_cov=cross_covariance(*real))
+    torch.testing.assert_close(batch, cov + 0.3 * mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(full, cov + 0.3 * mean, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_reaches_pixels_and_token_embeddings() -> None:
+    cfg = compose_cfg()
+    enc = build_encoder(cfg.encoder)
+    student = enc.new_student(0)
+    tok = enc.tokenize(["a red circle on the left", "a small blue square", "two shapes", "x"])
+    pixels = torch.randn(4, 3, 32, 32, requires_grad=True)
+    tokens = enc.text_trunk.embed_tokens(tok.ids).detach().requires_grad_(True)
+    with torch.no_grad():
+        real = (
+            student.image_features(torch.randn(8, 3, 32, 32)),
+            student.text_features(
+                enc.tokenize(["a green triangle"] * 4 + ["a yellow circle"] * 4).ids,
+                torch.ones(8, tok.ids.shape[1], dtype=torch.long),
+            ),
+        )
+    syn = (student.image_features(pixels), student.text_features(tokens, tok.mask))
+    loss, _ = covmatch_loss(real, syn, (student.image_head, student.text_head), 2.0, 0.1)
+    g_pix, g_tok = torch.autograd.grad(loss, [pixels, tokens])
+    assert g_pix.abs().sum() > 0
+    real_tokens = tok.mask.bool()
+    assert (g_tok[real_tokens].abs().sum(-1) > 0).all()  # every real token position moves
+    assert g_tok[~real_tokens].abs().sum() == 0  # padding is masked out of the trunk
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    ("pairs", "rho", "lam", "steps", "syn_batch"),
+    [
+        (100, 2.0, 0.1, 10000, 100),
+        (150, 2.0, 0.1, 10000, 150),
+        (200, 1.0, 0.1, 10000, 200),
+        (500, 1.0, 0.5, 20000, 256),
+        (1000, 1.0, 0.5, 20000, 256),
+        (50, 2.0, 0.1, 10000, 50),
+    ],
+)
+def test_paper_defaults_by_budget(pairs, rho, lam, steps, syn_batch) -> None:
+    s = CovMatch(compose_cfg().method).settings(pairs)
+    assert (s["rho"], s["lambda"], s["steps"], s["syn_batch"]) == (rho, lam, steps, syn_batch)
+
+
+def test_explicit_settings_override_the_budget_table() -> None:
+    cfg = compose_cfg("method.rho=1.5", "method.lambda=0", "method.syn_batch=64")
+    s = CovMatch(cfg.method).settings(100)
+    assert (s["rho"], s["lambda"], s["steps"], s["syn_batch"]) == (1.5, 0, 10000, 64)
+
+
+@pytest.mark.parametrize(
+    ("override", "pairs", "match"),
+    [
+        ("method.syn_batch=256", 100, "larger than the budget"),
+        ("method.rho=-1", 100, "method.rho=-1"),
+        ("method.lambda=-0.1", 100, "method.lambda=-0.1"),
+        ("method.syn_batch=all", 1, "at least 2"),
+    ],
+)
+def test_bad_settings_are_one_user_error(override: str, pairs: int, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        CovMatch(compose_cfg(override).method).settings(pairs)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("method.checkpoint_every=7", "multiple of"),
+        ("method.reset_to=sometimes", "method.reset_to"),
+        ("method.real_batch=1", "at least 2"),
+    ],
+)
+def test_bad_loop_settings_are_one_user_error(override: str, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        CovMatch(compose_cfg(override).method)
+
+
+class _IdsOnlyTrunk(TextTrunk):
+    """A text tower that reads token ids only (no embedding input)."""
+
+    out_dim, token_dim = 4, 4
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return torch.zeros(len(x), 4)
+
+
+def test_text_training_needs_a_trunk_that_reads_embeddings(tmp_path: Path) -> None:
+    cfg = compose_cfg(*SMALL)
+    ctx, _ = context(tmp_path, cfg, 10)
+    ctx.encoder.text_trunk = _IdsOnlyTrunk()
+    with pytest.raises(UserError, match="cannot read token embeddings"):
+        CovMatch(cfg.method).distill(ctx)
+
+
+def test_full_real_statistics_need_frozen_trunks(tmp_path: Path) -> None:
+    cfg = compose_cfg(*SMALL, "method.real_stats=full")
+    ctx, _ = context(tmp_path, cfg, 10)
+    with pytest.raises(UserError, match="real_stats=batch"):
+        CovMatch(cfg.method).distill(ctx)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def mmdistill(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mmdistill.cli", "distill", "threads=1", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ),
+        timeout=600,
+    )
+
+
+def test_cli_run_on_shapes_synthesises_pixels_and_token_embeddings(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    p = mmdistill("method=covmatch", *SMALL, *SHORT, "budget.pairs=16", f"hydra.run.dir={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    pairs = PairSet.load(run / "distilled")
+    assert pairs.images.shape == (16, 3, 32, 32)
+    assert pairs.texts.dim() == 3 and pairs.texts.is_floating_point()
+    assert pairs.text_mask.shape == pairs.texts.shape[:2]
+    meta = pairs.meta
+    assert meta["method"] == "covmatch" and (meta["rho"], meta["lambda"]) == (2.0, 0.1)
+    assert meta["real_stats"] == "batch" and meta["seconds_per_step"] > 0
+    assert len(meta["nearest_captions"]) == 16 and all(
+        isinstance(c, str) for c in meta["nearest_captions"]
+    )
+    assert len(set(meta["init_pairs"])) == 16
+    assert (run / "checkpoints" / "covmatch.safetensors").is_file()
+    assert io.read_json(run / "results.json")["method"] == "covmatch"
+
+
+def test_cli_bad_synthetic_batch_is_one_line(tmp_path: Path) -> None:
+    p = mmdistill(*SMALL, "budget.pairs=16", "method.syn_batch=32", f"hydra.run.dir={tmp_path}")
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "method.syn_batch=32" in errors[0], p.stderr[-2000:]
+    assert "method.syn_batch=all" in errors[0]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_to_the_same_set(tmp_path: Path, monkeypatch) -> None:
+    cfg = compose_cfg(*SMALL, *FROZEN, *SHORT)
+    ctx, _ = context(tmp_path / "whole", cfg, 12)
+    whole = CovMatch(cfg.method).distill(ctx)
+
+    save = CovMatch._save
+
+    def save_then_die(self, ctx, step, *args) -> None:
+        save(self, ctx, step, *args)
+        if step == 10:
+            raise _Killed
+
+    killed_ctx, _ = context(tmp_path / "killed", cfg, 12)
+    monkeypatch.setattr(CovMatch, "_save", save_then_die)
+    with pytest.raises(_Killed):
+        CovMatch(cfg.method).distill(killed_ctx)
+    monkeypatch.setattr(CovMatch, "_save", save)
+    resumed = CovMatch(cfg.method).distill(killed_ctx)
+    assert resumed.meta["loss_history"][0]["step"] == 0  # history came back with the state
+    torch.testing.assert_close(resumed.images, whole.images)
+    torch.testing.assert_close(resumed.texts, whole.texts)
+
+
+def test_divergence_stops_with_a_hint_and_keeps_the_last_good_set(tmp_path: Path) -> None:
+    cfg = compose_cfg(*SMALL, *FROZEN, *SHORT, "method.lr=1e30", "method.real_stats=batch")
+    ctx, _ = context(tmp_path, cfg, 12)
+    with pytest.raises(UserError, match="lower method.lr"):
+        CovMatch(cfg.method).distill(ctx)
+    tensors, state = ctx.run.load_checkpoint("covmatch")
+    assert state["step"] == 0 and torch.isfinite(tensors["images"]).all()
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+def test_covmatch_beats_random_on_flickr8k(real_data: Path, tmp_path: Path) -> None:
+    """100 pairs, 1000 steps, 5 students each. Slow only because it encodes flickr8k-1k unless
+    MMDISTILL_CACHE holds the features; the feature-space path is the one the frozen-tiny tests
+    run."""
+    cfg = compose_cfg(
+        "dataset=flickr8k", f"dataset.root={real_data}", "encoder=lite0_minilm", "method.steps=1000"
+    )
+    ctx, prep = context(tmp_path, cfg, 100)
+    scores = {}
+    for name in ("covmatch", "random"):
+        pairs = get_method(name)(cfg.method).distill(ctx)
+        res = run_protocol(prep.encoder, pairs, cfg.eval, prep.test, prep.val, "cpu", 0)
+        scores[name] = res.summary["r_mean"]["mean"]
+    assert scores["covmatch"] > scores["random"] + 5, scores
