@@ -227,7 +227,13 @@ def test_cli_run_on_shapes_synthesises_pixels_and_token_embeddings(tmp_path: Pat
 
 
 def test_cli_bad_synthetic_batch_is_one_line(tmp_path: Path) -> None:
-    p = mmdistill(*SMALL, "budget.pairs=16", "method.syn_batch=32", f"hydra.run.dir={tmp_path}")
+    p = mmdistill(
+        *SMALL,
+        "method=covmatch",
+        "budget.pairs=16",
+        "method.syn_batch=32",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert p.returncode != 0
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "method.syn_batch=32" in errors[0], p.stderr[-2000:]
