@@ -117,6 +117,17 @@ def test_gradient_reaches_pixels_and_token_embeddings() -> None:
     assert g_tok[~real_tokens].abs().sum() == 0  # padding is masked out of the trunk
 
 
+def test_random_init_students_read_token_embeddings_like_the_encoder() -> None:
+    """Synthetic token embeddings are made with the encoder's token table; every fresh
+    random-init student must share it (the rest of the trunk is a new draw)."""
+    enc = build_encoder(compose_cfg().encoder)
+    ids = enc.tokenize(["a red circle"]).ids
+    a, b = enc.new_student(1).text_trunk, enc.new_student(2).text_trunk
+    assert torch.equal(a.embed_tokens(ids), enc.text_trunk.embed_tokens(ids))
+    assert torch.equal(b.embed_tokens(ids), enc.text_trunk.embed_tokens(ids))
+    assert not torch.equal(a.text.positional_embedding, b.text.positional_embedding)
+
+
 # --------------------------------------------------------------------------- settings
 
 
