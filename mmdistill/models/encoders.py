@@ -116,6 +116,11 @@ class Encoder:
             image, text = self._make_trunks(seed)
             image = image if self.train_image_trunk else None
             text = text if self.train_text_trunk else None
+            share = getattr(text, "share_token_embedding", None)
+            if share is not None:
+                # One vocabulary space for all random-init students, so synthetic token
+                # embeddings (CovMatch) mean the same to each of them as to the encoder.
+                share(self.text_trunk)
         if image is not None:
             image.requires_grad_(True).train()
         if text is not None:
@@ -182,6 +187,10 @@ class _TinyText(OpenClipTextTrunk):
     def freeze_token_embedding(self) -> None:
         # The token table stays fixed so synthetic token embeddings live in a stable space.
         self.text.token_embedding.requires_grad_(False)
+
+    @torch.no_grad()
+    def share_token_embedding(self, source: OpenClipTextTrunk) -> None:
+        self.text.token_embedding.weight.copy_(source.text.token_embedding.weight)
 
 
 @ENCODERS.register("open_clip_scratch")
