@@ -6,10 +6,12 @@ Base: TESLA trajectory matching (`mmdistill.methods.trajectory`, first-order gra
 step sizes), subclassed; the settings not listed here are TESLA's (conf/method/mdw.yaml).
 
 * `soft_matrix` - a learnable soft correspondence matrix P over the distilled pairs: a full
-  N x N matrix initialised to the identity (`similarity.FullSimilarity`, trained with
-  `lr_sim`), and the student loss `soft_infonce`: cross-entropy in both directions against P's
-  rows / columns, clamped at 0 and normalised (spec 2.2C's reading). P is saved with the set
-  and used by every evaluation student. Its storage counts against the budget
+  N x N matrix (`similarity.FullSimilarity`, trained with `lr_sim`) starting at the identity,
+  off-diagonal entries at `p_offdiag_init` (1e-4) because the loss clamps P at 0 and a clamp
+  passes no gradient to an entry sitting exactly at 0. The student loss is `soft_infonce`:
+  cross-entropy in both directions against P's rows / columns, clamped at 0 and normalised
+  (spec 2.2C's reading); an entry pushed below 0 is an exact 0 from then on. P is saved with
+  the set and used by every evaluation student. Its storage counts against the budget
   (`similarity_budget: storage`: N + ceil(N^2 / floats per pair) <= budget.pairs; `one_pair`
   as LoRS counts its low-rank S; `none`). Off: identity targets and InfoNCE.
 * `correspondence_maps` - correspondence-enhanced optimisation, pixel space only. Each
@@ -20,9 +22,9 @@ step sizes), subclassed; the settings not listed here are TESLA's (conf/method/m
   image trunk: the patch tokens entering a ViT's last block (a class-token ViT sends no
   gradient to the patch tokens of its last output; the tiny open_clip encoder has no conv
   feature map) or the last 4-D activation of a conv net; a trunk with neither uses the
-  input-gradient saliency |dh/dV|. The maps are averaged with P's (clamped) weights into W_i, and the image
-  gradient becomes (map_gamma + W_i) * grad before the optimiser step. In feature space there
-  is no spatial map and the term is off (recorded in the set's meta).
+  input-gradient saliency |dh/dV|. The maps are averaged with P's (clamped) weights into W_i,
+  and the image gradient becomes (map_gamma + W_i) * grad before the optimiser step. In
+  feature space there is no spatial map and the term is off (recorded in the set's meta).
 * `dual_track` - the experts are trained by dual-track collaborative learning
   (`mmdistill.robust`: cross-fitted two-track GMM split of per-pair losses, co-teaching,
   complementary contrastive loss), cached under their own buffer key, and report clean-pair
@@ -141,6 +143,16 @@ class MDW(TrajectoryMatching):
             with torch.no_grad():
                 texts = ctx.encoder.text_trunk.embed_tokens(texts).float()
         return real.images.float(), texts, real.text_mask
+
+    def _synthetic(self, ctx: DistillContext, n: int) -> Synthetic:
+        """P = I, except that off-diagonal entries start at `p_offdiag_init` (> 0): the soft
+        loss clamps P at 0, and a clamp passes no gradient to an entry sitting exactly there."""
+        syn = super()._synthetic(ctx, n)
+        if syn.similarity is not None:
+            eps = float(self.cfg.p_offdiag_init)
+            with torch.no_grad():
+                syn.similarity.matrix.add_(eps * (1 - torch.eye(n, device=ctx.device)))
+        return syn
 
     # ------------------------------------------------------------- correspondence maps
 
