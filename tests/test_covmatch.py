@@ -251,6 +251,48 @@ def test_cli_bad_synthetic_batch_is_one_line(tmp_path: Path) -> None:
     assert "method.syn_batch=all" in errors[0]
 
 
+@pytest.mark.parametrize("dataset", ["flickr30k", "coco"])
+def test_paper_presets_carry_the_paper_settings(dataset: str) -> None:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("distill", overrides=[f"experiment=covmatch_{dataset}_500"])
+    assert cfg.dataset.name == dataset and cfg.encoder.name == "nfnet_bert"
+    assert (
+        cfg.encoder.train_text_trunk and cfg.encoder.head.image == cfg.encoder.head.text == "linear"
+    )
+    assert cfg.method.proj_dim == 2304 and cfg.budget.pairs == 500
+    s = CovMatch(cfg.method).settings(500)
+    assert (s["rho"], s["lambda"], s["steps"], s["syn_batch"]) == (1.0, 0.5, 20000, 256)
+    assert (cfg.eval.optimizer, cfg.eval.lr, cfg.eval.trunk_lr, cfg.eval.steps) == (
+        "sgd",
+        0.1,
+        0.01,
+        400,
+    )
+
+
+def test_paper_preset_dry_run_on_shapes(tmp_path: Path) -> None:
+    """The Flickr30K preset's code path (trainable text trunk, SGD online student, SGD
+    multistep evaluation), scaled down onto shapes + tiny."""
+    p = mmdistill(
+        "experiment=covmatch_flickr30k_500",
+        "dataset=shapes",
+        "encoder=tiny",
+        "dataset.split_sizes=[20,10,10]",
+        "budget.pairs=6",
+        "method.syn_batch=all",
+        "method.steps=4",
+        "method.reset_every=2",
+        "method.checkpoint_every=2",
+        "eval.students=1",
+        "eval.steps=4",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    info = io.read_json(tmp_path / "results.json")
+    assert info["pairs"] == 6 and info["protocol"]["optimizer"] == "sgd"
+    assert PairSet.load(tmp_path / "distilled").texts.dim() == 3
+
+
 class _Killed(Exception):
     pass
 
