@@ -136,7 +136,7 @@ def test_killed_sweep_relaunch_runs_only_the_unfinished_jobs(tmp_path: Path) -> 
     assert sum(before.values()) == 1, before
     finished = next(k for k, d in before.items() if d)
     meta_before = (jobs(tmp_path)[finished] / "meta.json").read_text()
-    started = {k for k, j in jobs(tmp_path).items() if not before[k] and (j / "meta.json").is_file()}
+    started = {k for k, j in jobs(tmp_path).items() if not before[k] and (j / "meta.json").exists()}
 
     # Same sweep, overrides in another order: it finds the same folders.
     p = run("distill", "budget.pairs=10,6,8", *reversed(slow), "-m", outputs=tmp_path)
