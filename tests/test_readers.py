@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import datasets
@@ -98,7 +99,18 @@ def test_flickr8k_fingerprint_tracks_captions_and_files(tmp_path: Path) -> None:
     second = _read("flickr8k", root=str(tmp_path), split_sizes=[3, 1, 2]).fingerprint
     assert second != first
     Image.new("RGB", (20, 20), (1, 2, 3)).save(tmp_path / "images" / "img1.jpg")  # new size
-    assert _read("flickr8k", root=str(tmp_path), split_sizes=[3, 1, 2]).fingerprint != second
+    third = _read("flickr8k", root=str(tmp_path), split_sizes=[3, 1, 2]).fingerprint
+    assert third != second
+    # A copy (new mtimes, as a fresh checkout or rsync gives) keeps the cache key ...
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path, copy, ignore=shutil.ignore_patterns("copy"))
+    os.utime(copy / "images" / "img1.jpg", (1, 1))
+    assert _read("flickr8k", root=str(copy), split_sizes=[3, 1, 2]).fingerprint == third
+    # ... and a same-size edit of the pixels does not.
+    data = bytearray((copy / "images" / "img1.jpg").read_bytes())
+    data[-3] ^= 0xFF
+    (copy / "images" / "img1.jpg").write_bytes(bytes(data))
+    assert _read("flickr8k", root=str(copy), split_sizes=[3, 1, 2]).fingerprint != third
 
 
 def test_flickr8k_missing_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
