@@ -104,3 +104,34 @@ def test_one_caption_per_image_is_refused(shapes: ImageTextSet, tmp_path: Path) 
     with pytest.raises(UserError, match="one caption per image") as err:
         apply_noise(data, shuffle(0.5), tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_noisy_split_reuses_the_clean_feature_cache(
+    shapes: ImageTextSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen-trunk features are computed once; a second read and the shuffled split (same
+    images, same captions, reassigned) load them, permuted, instead of re-encoding."""
+    from mmdistill.data import features
+    from mmdistill.models.encoders import build_encoder
+
+    cfg = OmegaConf.load(REPO / "conf" / "encoder" / "tiny.yaml")
+    cfg.train_image_trunk = cfg.train_text_trunk = False
+    encoder = build_encoder(cfg)
+    calls = []
+    for name in ("_encode_images", "_encode_texts"):
+        real = getattr(features, name)
+        monkeypatch.setattr(
+            features, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k)
+        )
+    clean = features.real_split(encoder, shapes.train, "shapes", tmp_path)
+    assert sorted(calls) == ["_encode_images", "_encode_texts"]
+    again = features.real_split(encoder, shapes.train, "shapes", tmp_path)
+    noisy_set = apply_noise(shapes, shuffle(0.5), tmp_path / "run")
+    noisy = features.real_split(encoder, noisy_set.train, "shapes", tmp_path)
+    assert len(calls) == 2  # neither the rerun nor the noisy split encoded anything
+    assert torch.equal(again.images, clean.images) and torch.equal(again.texts, clean.texts)
+    assert torch.equal(noisy.images, clean.images)
+    source = load_mask(tmp_path / "run").caption_source
+    for i in range(shapes.train.n_images):  # image i now holds image source[i]'s captions
+        got = noisy.texts[noisy.caption_image == i]
+        assert torch.equal(got, clean.texts[clean.caption_image == int(source[i])])

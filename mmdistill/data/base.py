@@ -35,11 +35,13 @@ class ImageTextSplit:
 
     rows: datasets.Dataset
     name: str
-    fingerprint: str
+    fingerprint: str  # images + captions: keys expert buffers and anything fit on the pairs
+    image_fingerprint: str = ""  # images only (default: fingerprint): keys the image cache
     captions: list[str] = field(init=False)
     caption_image: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
+        self.image_fingerprint = self.image_fingerprint or self.fingerprint
         per_image = self.rows["captions"]
         self.captions = [c for caps in per_image for c in caps]
         self.caption_image = np.repeat(
@@ -124,6 +126,7 @@ def split_from_records(
     digest = hashlib.sha1()
     for p in parts:
         digest.update(p.encode())
+    image_fingerprint = digest.hexdigest()[:16]
     for caps in captions:
         digest.update("|".join(caps).encode())
     image_col = [str(im) if isinstance(im, Path) else im for im in images]
@@ -131,7 +134,12 @@ def split_from_records(
         {"image": image_col, "image_id": list(image_ids), "captions": [list(c) for c in captions]},
         features=FEATURES,
     )
-    return ImageTextSplit(rows=rows, name=name, fingerprint=digest.hexdigest()[:16])
+    return ImageTextSplit(
+        rows=rows,
+        name=name,
+        fingerprint=digest.hexdigest()[:16],
+        image_fingerprint=image_fingerprint,
+    )
 
 
 def check_images_exist(root: Path, files: Sequence[str]) -> list[Path]:

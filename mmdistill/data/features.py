@@ -1,8 +1,10 @@
 """Real splits as tensors, in the space the encoder's students read, with a feature cache.
 
-Frozen trunks are run once per (dataset split fingerprint, trunk, preprocessing) and their
-outputs stored as safetensors; a second run loads them instead of re-encoding. Trainable trunks
-get pixels and token ids instead.
+Frozen trunks are run once per (images or captions, trunk, preprocessing) and their outputs
+stored as safetensors; a second run loads them instead of re-encoding. Images are keyed by the
+split's image fingerprint, captions by their content (the sorted set of distinct captions), so
+a split whose captions were only reassigned (noise=shuffle) reuses the clean split's features.
+Trainable trunks get pixels and token ids instead.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from mmdistill.pairs import PairSet
 
 log = logging.getLogger(__name__)
 # Bumped when the way features are computed changes, so stale caches are never read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -110,17 +112,13 @@ def _encode_images(
 
 
 def _encode_texts(
-    encoder: Encoder, split: ImageTextSplit, device: str, batch: int, progress
+    encoder: Encoder, name: str, captions: list[str], device: str, batch: int, progress
 ) -> Tensor:
     trunk = encoder.text_trunk.to(device)
     out = []
-    task = (
-        progress.add_task(f"encode {split.name} captions", total=split.n_pairs)
-        if progress
-        else None
-    )
-    for s in range(0, split.n_pairs, batch):
-        tok = encoder.tokenize(split.captions[s : s + batch])
+    task = progress.add_task(f"encode {name} captions", total=len(captions)) if progress else None
+    for s in range(0, len(captions), batch):
+        tok = encoder.tokenize(captions[s : s + batch])
         with torch.no_grad():
             out.append(trunk(tok.ids.to(device), tok.mask.to(device)).float().cpu())
         if progress:
@@ -139,16 +137,23 @@ def real_split(
 ) -> RealSplit:
     """Tensors for one split: cached frozen-trunk features, or pixels / token ids."""
     cache_dir = Path(cache_dir).expanduser()
-    stem = f"{dataset_name}-{split.name}-{split.fingerprint}"
     if encoder.image_space == "feature":
+        stem = f"{dataset_name}-{split.name}-{split.image_fingerprint}"
         path = cache_dir / f"{stem}-image-{trunk_key(encoder, 'image')}.safetensors"
         images = _cached(path, lambda: _encode_images(encoder, split, device, batch, progress))
     else:
         images = _pixels(encoder, split, 256, progress)
     mask = None
     if encoder.text_space == "feature":
-        path = cache_dir / f"{stem}-text-{trunk_key(encoder, 'text')}.safetensors"
-        texts = _cached(path, lambda: _encode_texts(encoder, split, device, 4 * batch, progress))
+        distinct = sorted(set(split.captions))
+        row = {c: i for i, c in enumerate(distinct)}
+        key = hashlib.sha1("\n".join(distinct).encode()).hexdigest()[:16]
+        name = f"{dataset_name}-captions-{key}-text-{trunk_key(encoder, 'text')}.safetensors"
+        encoded = _cached(
+            cache_dir / name,
+            lambda: _encode_texts(encoder, split.name, distinct, device, 4 * batch, progress),
+        )
+        texts = encoded[torch.as_tensor([row[c] for c in split.captions], dtype=torch.long)]
     else:
         tok = encoder.tokenize(split.captions)
         texts, mask = tok.ids, tok.mask

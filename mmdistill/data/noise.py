@@ -12,8 +12,8 @@ The corrupted-pair mask is written into the run folder (`noise.safetensors`: `pa
 training caption of the noisy split, `image_clean` per training image, `caption_source` = whose
 captions each image now holds; `noise.json`: the settings and counts), so methods that detect
 noisy pairs (MDW's dual-track experts) can be scored against it. The noisy training split gets a
-new fingerprint, so the feature cache and expert buffers keyed by it never mix clean and noisy
-data.
+new pair fingerprint, so expert buffers keyed by it never mix clean and noisy data; its images
+and captions are the clean ones, so their cached features are shared with the clean split.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def shuffle_captions(
         ).hexdigest()[:16]
     else:  # nothing corrupted: the same data keeps sharing its caches
         rows, fingerprint = split.rows, split.fingerprint
-    noisy = ImageTextSplit(rows=rows, name=split.name, fingerprint=fingerprint)
+    noisy = ImageTextSplit(rows, split.name, fingerprint, image_fingerprint=split.image_fingerprint)
     pair_clean = image_clean[torch.as_tensor(noisy.caption_image)]
     info = {
         "name": "shuffle",

@@ -465,9 +465,16 @@ def _hf_split(cfg: DictConfig, name: str, hub_split: str) -> ImageTextSplit:
     source = [str(cfg.path), str(cfg.get("config_name", None)), str(cfg.get("revision", None))]
     source += [hub_split] + [file_signature(Path(c["filename"])) for c in src.cache_files]
     digest = hashlib.sha1("|".join(source).encode())
+    digest.update("|".join(ids).encode())
+    image_fingerprint = digest.hexdigest()[:16]
     for key, caps in zip(ids, captions, strict=True):
         digest.update(f"{key}:{'|'.join(caps)}".encode())
-    return ImageTextSplit(rows=rows, name=name, fingerprint=digest.hexdigest()[:16])
+    return ImageTextSplit(
+        rows=rows,
+        name=name,
+        fingerprint=digest.hexdigest()[:16],
+        image_fingerprint=image_fingerprint,
+    )
 
 
 @READERS.register("hf")
