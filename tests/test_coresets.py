@@ -124,20 +124,3 @@ def test_kcenter_start_is_checked() -> None:
     cfg = compose_cfg("method=kcenter", "method.start=middle")
     with pytest.raises(UserError, match="method.start"):
         get_method("kcenter")(cfg.method)
-
-
-# --------------------------------------------------------------------------- real data
-
-
-@pytest.mark.slow
-def test_coresets_on_flickr8k_features(real_data: Path, tmp_path: Path) -> None:
-    """Slow only because it encodes flickr8k-1k unless MMDISTILL_CACHE holds the features;
-    the methods' code path is the one the shapes tests run."""
-    cfg = compose_cfg("dataset=flickr8k", f"dataset.root={real_data}", "encoder=lite0_minilm")
-    ctx = context(tmp_path, cfg, 100)
-    for name in CORESETS:
-        method = get_method(name)(compose_cfg("encoder=lite0_minilm", f"method={name}").method)
-        pairs = method.distill(ctx)
-        idx = pairs.meta["source_pairs"]
-        assert len(set(idx)) == 100 and all(0 <= i < ctx.train.n_pairs for i in idx), name
-        assert pairs.images.shape == (100, 1280) and pairs.texts.shape == (100, 384)

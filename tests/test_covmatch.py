@@ -329,21 +329,20 @@ def test_divergence_stops_with_a_hint_and_keeps_the_last_good_set(tmp_path: Path
     assert state["step"] == 0 and torch.isfinite(tensors["images"]).all()
 
 
-# --------------------------------------------------------------------------- real data
-
-
-@pytest.mark.slow
-def test_covmatch_beats_random_on_flickr8k(real_data: Path, tmp_path: Path) -> None:
-    """100 pairs, 1000 steps, 5 students each. Slow only because it encodes flickr8k-1k unless
-    MMDISTILL_CACHE holds the features; the feature-space path is the one the frozen-tiny tests
-    run."""
+def test_pixel_space_covmatch_beats_random_on_shapes(tmp_path: Path) -> None:
+    """Both tiny trunks trainable (pixels + token embeddings), the same students scoring the
+    distilled set and random real pairs of the same budget on shapes' test split."""
     cfg = compose_cfg(
-        "dataset=flickr8k", f"dataset.root={real_data}", "encoder=lite0_minilm", "method.steps=1000"
+        "dataset.split_sizes=[400,100,200]",
+        "eval.students=3",
+        "method.steps=300",
+        "method.syn_batch=all",
     )
-    ctx, prep = context(tmp_path, cfg, 100)
+    ctx, prep = context(tmp_path, cfg, 20)
+    torch.set_num_threads(1)
     scores = {}
     for name in ("covmatch", "random"):
         pairs = get_method(name)(cfg.method).distill(ctx)
         res = run_protocol(prep.encoder, pairs, cfg.eval, prep.test, prep.val, "cpu", 0)
         scores[name] = res.summary["r_mean"]["mean"]
-    assert scores["covmatch"] > scores["random"] + 5, scores
+    assert scores["covmatch"] > scores["random"] + 2, scores
