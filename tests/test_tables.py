@@ -197,3 +197,16 @@ def test_into_replaces_only_its_generated_section(tmp_path: Path) -> None:
     tables.main([str(RUNS), "--out", str(tmp_path), "--into", str(doc), "--section", "f8k"])
     again = doc.read_text()
     assert again == first + "\nHand-written outro.\n"  # replaced in place, nothing duplicated
+
+
+def test_sets_smaller_than_their_budget_sit_in_the_budget_column(tmp_path: Path) -> None:
+    """LoRS distils N-1 pairs + S within an N-pair budget: same column as N, with a note."""
+    runs = copy_runs(tmp_path)
+    for seed in (0, 1):
+        edit(runs / f"herding-20-seed{seed}" / "results.json", pairs=19)
+    tables.main([str(runs), "--out", str(tmp_path / "out")])
+    rows = {(r["method"], r["budget"]) for r in csv_rows(tmp_path / "out")}
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert any(m == "herding" and "20" in b for m, b in rows), rows
+    assert "herding at 20 pairs distils 19 pairs" in md
+    assert "| 19 pairs" not in md  # no column of its own
