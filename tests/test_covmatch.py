@@ -338,6 +338,7 @@ def test_pixel_space_covmatch_beats_random_on_shapes(tmp_path: Path) -> None:
         "method.steps=300",
         "method.syn_batch=all",
     )
+    assert (cfg.method.lr, cfg.method.lr_text) == (1e-4, 1e-5)  # tiny's covmatch_lr
     ctx, prep = context(tmp_path, cfg, 20)
     torch.set_num_threads(1)
     scores = {}
@@ -345,4 +346,4 @@ def test_pixel_space_covmatch_beats_random_on_shapes(tmp_path: Path) -> None:
         pairs = get_method(name)(cfg.method).distill(ctx)
         res = run_protocol(prep.encoder, pairs, cfg.eval, prep.test, prep.val, "cpu", 0)
         scores[name] = res.summary["r_mean"]["mean"]
-    assert scores["covmatch"] > scores["random"] + 2, scores
+    assert scores["covmatch"] > scores["random"] + 1.5, scores  # measured 11.1 vs 8.1

@@ -13,13 +13,6 @@ sequences `[N, L, E]` (fed to the text trunk like `inputs_embeds`) when the text
 and frozen-trunk features otherwise. In feature space C_syn is the cross-covariance of the
 synthetic features themselves, and the heads enter only through the mean term.
 
-Warm-up (our addition for random-init encoders): the paper's online encoders start pretrained,
-so their features carry meaning from step 0. A random-init trunk's features do not, and matching
-their statistics only scrambles the synthetic pixels (on shapes + tiny, 300 steps took r_mean
-from 8.1 to 2.7-5.7). `warmup_steps` ordinary real contrastive steps therefore follow every
-reset before synthetic updates resume; `auto` is 0 for a pretrained encoder and the encoder's
-student recipe (`encoder.recipe.steps`) for a random-init one.
-
 Resetting: `reset_to: fresh` rebuilds the online student with a new seed each round, which for
 a pretrained encoder is a pristine pretrained copy and for a random-init encoder (`tiny`) a
 new random draw, like the students evaluation trains; `initial` keeps one trunk init for every
@@ -200,15 +193,6 @@ class CovMatch:
         student.to(ctx.device)
         return student, make_optimizer(student, self.cfg.online, real)
 
-    def warmup_steps(self, ctx: DistillContext) -> int:
-        """Real steps after each reset: `auto` warms random-init encoders up (see module doc)."""
-        value = self.cfg.get("warmup_steps", "auto")
-        if str(value) == "auto":
-            return 0 if ctx.encoder.cfg.pretrained else int(ctx.encoder.cfg.recipe.steps)
-        if int(value) < 0:
-            raise UserError(f"method.warmup_steps={value} must be >= 0 (or auto)")
-        return int(value)
-
     def _full_statistics(
         self, ctx: DistillContext
     ) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
@@ -272,7 +256,6 @@ class CovMatch:
         loss_fn = LOSSES.get("infonce")
         reset_every, every = int(self.cfg.reset_every), int(self.cfg.checkpoint_every)
         log_every = int(self.cfg.log_every)
-        warmup = self.warmup_steps(ctx)
         task = (
             ctx.progress.add_task("covmatch", total=steps, completed=start)
             if ctx.progress
@@ -283,8 +266,6 @@ class CovMatch:
         for step in range(start, steps):
             if student is None or step % reset_every == 0:
                 student, online_opt = self._online(ctx, step // reset_every, real)
-                for _ in range(warmup):
-                    self._online_step(ctx, student, online_opt, loss_fn, real, batches, step)
             # 1. Synthetic update against the current online student (no gradient to it).
             sidx = (
                 torch.arange(ctx.pairs)
@@ -317,7 +298,16 @@ class CovMatch:
             opt.step()
             opt.zero_grad(set_to_none=True)
             # 2. One ordinary contrastive step of the online student on the next real batch.
-            online_loss = self._online_step(ctx, student, online_opt, loss_fn, real, batches, step)
+            student.train()
+            online_loss = loss_fn(student.logits(*real.batch(batches.next(), ctx.device)[:3]))
+            if not torch.isfinite(online_loss):
+                raise UserError(
+                    f"CovMatch's online student diverged at step {step} (loss "
+                    f"{online_loss.item()}); lower method.online.lr (now {self.cfg.online.lr})"
+                )
+            online_opt.zero_grad(set_to_none=True)
+            online_loss.backward()
+            online_opt.step()
             if step % log_every == 0 or step + 1 == steps:
                 row = {"step": step, "loss": loss.item(), **parts, "online": online_loss.item()}
                 history.append(row)
@@ -343,7 +333,6 @@ class CovMatch:
                 "syn_batch": syn_batch,
                 "reset_every": reset_every,
                 "reset_to": str(self.cfg.reset_to),
-                "warmup_steps": warmup,
                 "real_stats": "full" if real_cov is not None else "batch",
                 "seconds_per_step": round(sec_per_step, 5),
                 "init_pairs": syn["source"].tolist(),
@@ -352,29 +341,6 @@ class CovMatch:
                 "loss_history": history,
             },
         )
-
-    def _online_step(
-        self,
-        ctx: DistillContext,
-        student: Student,
-        opt: torch.optim.Optimizer,
-        loss_fn,
-        real: PairSet,
-        batches: RealBatches,
-        step: int,
-    ) -> Tensor:
-        """One ordinary contrastive step of the online student on the next real batch."""
-        student.train()
-        loss = loss_fn(student.logits(*real.batch(batches.next(), ctx.device)[:3]))
-        if not torch.isfinite(loss):
-            raise UserError(
-                f"CovMatch's online student diverged at step {step} (loss {loss.item()}); "
-                f"lower method.online.lr (now {self.cfg.online.lr})"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
 
     # ------------------------------------------------------------------ checkpoints
 
