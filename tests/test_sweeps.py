@@ -118,7 +118,7 @@ def test_claim_slot_gives_each_live_process_its_own(tmp_path: Path) -> None:
 def test_killed_sweep_relaunch_runs_only_the_unfinished_jobs(tmp_path: Path) -> None:
     # Each job trains long enough (seconds, even on a fast machine) that the kill below, sent
     # within 50 ms of the first `done`, always lands before a second job can finish.
-    slow = [*TINY[:-2], "eval.steps=600", "device=cpu"]
+    slow = [*TINY[:-2], "eval.steps=300", "device=cpu"]
     sweep = ["distill", "-m", *slow, "budget.pairs=6,8,10"]
     env = {**os.environ, "MMDISTILL_OUTPUTS": str(tmp_path)}
     proc = subprocess.Popen(
