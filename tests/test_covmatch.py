@@ -147,6 +147,13 @@ def test_paper_defaults_by_budget(pairs, rho, lam, steps, syn_batch) -> None:
     assert (s["rho"], s["lambda"], s["steps"], s["syn_batch"]) == (rho, lam, steps, syn_batch)
 
 
+def test_feature_space_takes_every_synthetic_pair_unless_told() -> None:
+    """The paper's 256-of-500 mini-batch is a pixel-space memory bound (module doc)."""
+    assert CovMatch(compose_cfg().method).settings(500, feature_space=True)["syn_batch"] == 500
+    told = CovMatch(compose_cfg("method.syn_batch=128").method)
+    assert told.settings(500, feature_space=True)["syn_batch"] == 128
+
+
 def test_explicit_settings_override_the_budget_table() -> None:
     cfg = compose_cfg("method.rho=1.5", "method.lambda=0", "method.syn_batch=64")
     s = CovMatch(cfg.method).settings(100)
