@@ -8,7 +8,9 @@ an open_clip model config kept as data in `model_configs/`, so methods see one i
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,13 +195,32 @@ class _TinyText(OpenClipTextTrunk):
         self.text.token_embedding.weight.copy_(source.text.token_embedding.weight)
 
 
+@contextmanager
+def quiet_open_clip() -> Iterator[None]:
+    """Drop open_clip's load warnings that only restate the config ("No pretrained weights
+    loaded" for a random-init model, "initialized partially" when we load the image weights
+    ourselves right after)."""
+    root = logging.getLogger()
+
+    def keep(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return "initialized partially" not in text and "No pretrained weights loaded" not in text
+
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 @ENCODERS.register("open_clip_scratch")
 def build_open_clip_scratch(cfg: DictConfig) -> Encoder:
     """A small open_clip model from a config file, random init: the pixel-space path."""
 
     def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
         torch.manual_seed(seed)
-        model = open_clip.create_model(cfg.model_config, force_custom_text=True)
+        with quiet_open_clip():
+            model = open_clip.create_model(cfg.model_config, force_custom_text=True)
         return OpenClipVisionTrunk(model.visual), _TinyText(model.text)
 
     tokenizer = open_clip.get_tokenizer(cfg.model_config)

@@ -46,6 +46,7 @@ from mmdistill.models.encoders import (
     OpenClipVisionTrunk,
     Tokens,
     clip_preprocess,
+    quiet_open_clip,
 )
 from mmdistill.models.student import TextTrunk
 
@@ -130,6 +131,25 @@ class HFTokenizer:
 
 
 # ---------------------------------------------------------------------------- weight sources
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence misleading load messages: open_clip's "initialized partially" (the image weights
+    are loaded by us right after), transformers' report on the pooler weights that a mean-pooled
+    text trunk never uses, and its per-tensor progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with quiet_open_clip():
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager
@@ -247,7 +267,7 @@ def build_timm_hf(cfg: DictConfig) -> Encoder:
 
     def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
         torch.manual_seed(seed)
-        with hf_offline(offline):
+        with hf_offline(offline), quiet_loading():
             model = open_clip.create_model(
                 cfg.model_config,
                 pretrained_image=image_hub,
