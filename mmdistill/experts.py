@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmdistill import io
 from mmdistill.data.features import RealSplit
@@ -229,8 +229,19 @@ def train_expert(
     index: int,
     device: str,
     on_epoch: Callable[[int], None] | None = None,
+    batch_loss: Callable[[nn.Module, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, ParamLayout, dict[str, Any]]:
-    """Train expert `index`; returns its trajectory `[epochs + 1, P]`, layout and stats."""
+    """Train expert `index`; returns its trajectory `[epochs + 1, P]`, layout and stats.
+
+    `batch_loss(student, pair_indices)` replaces the symmetric InfoNCE of the batch (the
+    dual-track experts of `mmdistill.robust` pass theirs)."""
+    if batch_loss is None:
+        pairs = train.pairset()
+
+        def batch_loss(student: nn.Module, idx: Tensor) -> Tensor:
+            images, texts, mask, _ = pairs.batch(idx, device)
+            return infonce(student.logits(images, texts, mask))
+
     seed = settings.seed + index
     student = build_student(encoder, seed, settings.lora).to(device).train()
     layout = ParamLayout.of(student)
@@ -238,18 +249,16 @@ def train_expert(
     opt = torch.optim.SGD(
         [params[n] for n in layout.names], lr=settings.lr, momentum=settings.momentum
     )
-    pairs = train.pairset()
     gen = torch.Generator().manual_seed(seed)
     snapshots = [layout.flatten(student).cpu()]
     t0 = time.perf_counter()
     for epoch in range(settings.epochs):
-        order = torch.randperm(len(pairs), generator=gen)
+        order = torch.randperm(train.n_pairs, generator=gen)
         for start in range(0, len(order), settings.batch_size):
             idx = order[start : start + settings.batch_size]
             if len(idx) < 2:
                 continue
-            images, texts, mask, _ = pairs.batch(idx, device)
-            loss = infonce(student.logits(images, texts, mask))
+            loss = batch_loss(student, idx)
             if not torch.isfinite(loss):
                 raise UserError(
                     f"expert {index} loss became {loss.item()} in epoch {epoch}; lower "

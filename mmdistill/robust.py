@@ -59,11 +59,11 @@ from mmdistill.experts import (
     ParamLayout,
     buffer_dir,
     buffer_key,
-    build_student,
+    train_expert,
 )
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.student import Student
-from mmdistill.protocol import evaluate, make_optimizer
+from mmdistill.protocol import make_optimizer
 
 log = logging.getLogger(__name__)
 ROBUST_VERSION = 1
@@ -397,34 +397,16 @@ def train_robust_expert(
     on_epoch: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, ParamLayout, dict[str, Any]]:
     """An expert with the ordinary SGD settings on InfoNCE(kept pairs) + complementary(all)."""
-    seed = settings.seed + index
-    student = build_student(encoder, seed, settings.lora).to(device).train()
-    layout = ParamLayout.of(student)
-    params = dict(student.named_parameters())
-    opt = torch.optim.SGD(
-        [params[n] for n in layout.names], lr=settings.lr, momentum=settings.momentum
+    return train_expert(
+        encoder,
+        train,
+        val,
+        settings,
+        index,
+        device,
+        on_epoch,
+        batch_loss=lambda student, idx: _batch_loss(student, train, idx, keep, comp_weight, device),
     )
-    gen = torch.Generator().manual_seed(seed)
-    snapshots = [layout.flatten(student).cpu()]
-    t0 = time.perf_counter()
-    n = train.n_pairs
-    for epoch in range(settings.epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            if len(idx) < 2:
-                continue
-            loss = _batch_loss(student, train, idx, keep, comp_weight, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        snapshots.append(layout.flatten(student).cpu())
-        if on_epoch:
-            on_epoch(epoch + 1)
-    stats: dict[str, Any] = {"index": index, "seed": seed, "seconds": time.perf_counter() - t0}
-    if val is not None:
-        stats["val_r_mean"] = evaluate(student, val, device)["r_mean"]
-    return torch.stack(snapshots), layout, stats
 
 
 # ------------------------------------------------------------------------------ the buffer

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,3 +32,12 @@ def _isolated_outputs(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["MMDISTILL_OUTPUTS"] = str(tmp_path_factory.mktemp("outputs"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for small workloads: faster than two fighting over shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,13 +32,7 @@ SMALL = ["dataset.split_sizes=[40,20,20]", "expert.num_experts=2", "expert.epoch
 FEATURE = ["encoder.train_image_trunk=false", "encoder.train_text_trunk=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These workloads are tiny: one torch thread is faster than two fighting for shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(*overrides: str) -> DictConfig:

@@ -64,13 +64,7 @@ FEATURE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These workloads are tiny: one torch thread is faster than two fighting for shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(*overrides: str, small: bool = True) -> DictConfig:

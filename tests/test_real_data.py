@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -30,13 +29,7 @@ EVAL = ["eval.students=3"]
 TRAJECTORY = ["expert.num_experts=3", "method.iterations=150", "method.eval_every=50"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: CI's two cores are shared with nothing, and the workloads are small."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(root: Path, *overrides: str) -> DictConfig:

@@ -84,13 +84,14 @@ class ImageTextSet:
         ).hexdigest()[:16]
 
 
-SIGNATURE_BYTES = 1 << 16
+SIGNATURE_BYTES = 1 << 12
 
 
 def file_signature(path: Path) -> str:
     """Identity of an image file for cache keys: name, size and a hash of its first and last
-    64 KiB (the whole of a typical JPEG). Content, not mtime, so a copied or re-synced dataset
-    keeps its cache, while reading stays cheap on a 100k-image folder."""
+    4 KiB (headers and the end of the entropy-coded data). Content, not mtime, so a copied or
+    re-synced dataset keeps its cache; 8 KiB per file keeps every run's start cheap on COCO's
+    120k images (about 1 GB read instead of the 19 GB of whole files)."""
     size = path.stat().st_size
     digest = hashlib.sha1()
     with path.open("rb") as f:
