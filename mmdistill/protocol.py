@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
+import multiprocessing as mp
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,9 @@ def _param_groups(student: Student, cfg: DictConfig, pairs: PairSet) -> list[dic
 def make_optimizer(student: Student, cfg: DictConfig, pairs: PairSet) -> torch.optim.Optimizer:
     groups = _param_groups(student, cfg, pairs)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=float(cfg.weight_decay))
+        # The fused kernel is about 3x faster than the per-tensor loop on CPU's small heads.
+        fused = all(p.is_floating_point() for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, weight_decay=float(cfg.weight_decay), fused=fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             groups, momentum=float(cfg.momentum), weight_decay=float(cfg.weight_decay)
@@ -177,6 +180,70 @@ def summarize(students: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def student_workers(cfg: DictConfig, device: str, students: int) -> int:
+    """How many students train at once: on CPU one process per torch thread by default, each
+    at one thread (small heads use threads poorly: two one-thread students finish in about
+    0.6x the time of two two-thread students in turn); on GPU one at a time."""
+    wanted = cfg.get("workers", "auto")
+    if device != "cpu" or students < 2 or "fork" not in mp.get_all_start_methods():
+        return 1
+    n = torch.get_num_threads() if str(wanted) == "auto" else int(wanted)
+    return max(1, min(n, students))
+
+
+@dataclass
+class _StudentJob:
+    """What a student needs; forked workers inherit it instead of unpickling it."""
+
+    encoder: Encoder
+    pairs: PairSet
+    cfg: DictConfig
+    test: RealSplit
+    select_on: RealSplit | None
+    device: str
+    seed: int
+
+
+_JOB: _StudentJob | None = None
+
+
+def _train_and_test(job: _StudentJob, k: int) -> dict:
+    student_seed = job.seed * 1000 + k
+    student = job.encoder.new_student(student_seed, feature_dropout=float(job.cfg.feature_dropout))
+    student, hist = train_student(
+        student, job.pairs, job.cfg, student_seed, job.device, job.select_on
+    )
+    rec = evaluate(student, job.test, job.device)
+    rec.update({"student": k, "seed": student_seed, **hist})
+    return rec
+
+
+def _in_worker(k: int) -> dict:
+    assert _JOB is not None
+    return _train_and_test(_JOB, k)
+
+
+def _one_thread_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _students(job: _StudentJob, todo: list[int], workers: int) -> Iterator[dict]:
+    """Each student's record, in student order; students seed every draw they make, so the
+    records do not depend on the number of workers."""
+    global _JOB
+    if workers <= 1:
+        for k in todo:
+            yield _train_and_test(job, k)
+        return
+    _JOB = job
+    try:
+        ctx = mp.get_context("fork")
+        with ctx.Pool(workers, initializer=_one_thread_worker) as pool:
+            yield from pool.imap(_in_worker, todo)
+    finally:
+        _JOB = None
+
+
 def run_protocol(
     encoder: Encoder,
     pairs: PairSet,
@@ -191,14 +258,11 @@ def run_protocol(
     """Train `cfg.students` fresh students and test each; `done` resumes a partial run."""
     results = list(done or [])
     select_on = {"final": None, "best_val": val, "best_test": test}[cfg.selection]
-    for k in range(len(results), int(cfg.students)):
-        student_seed = seed * 1000 + k
-        student = encoder.new_student(student_seed, feature_dropout=float(cfg.feature_dropout))
-        student, hist = train_student(student, pairs, cfg, student_seed, device, select_on)
-        rec = evaluate(student, test, device)
-        rec.update({"student": k, "seed": student_seed, **hist})
+    job = _StudentJob(encoder, pairs, cfg, test, select_on, device, seed)
+    todo = list(range(len(results), int(cfg.students)))
+    for rec in _students(job, todo, student_workers(cfg, device, len(todo))):
         results.append(rec)
-        log.info("student %d: r_mean %.2f", k, rec["r_mean"])
+        log.info("student %d: r_mean %.2f", rec["student"], rec["r_mean"])
         if on_student:
             on_student(results)
     return ProtocolResult(students=results, summary=summarize(results))

@@ -39,7 +39,7 @@ METHOD_ORDER = (
 )
 FULL = "full data"
 # Recorded protocol fields that do not change the numbers.
-NEUTRAL_PROTOCOL = ("name", "students")
+NEUTRAL_PROTOCOL = ("name", "students", "workers")
 
 
 @dataclass

@@ -199,7 +199,7 @@ class _IdsOnlyTrunk(TextTrunk):
 def test_text_training_needs_a_trunk_that_reads_embeddings(tmp_path: Path) -> None:
     cfg = compose_cfg(*SMALL)
     ctx, _ = context(tmp_path, cfg, 10)
-    ctx.encoder.text_trunk = _IdsOnlyTrunk()
+    ctx.encoder._trunks = (ctx.encoder.image_trunk, _IdsOnlyTrunk())  # swap the built trunks
     with pytest.raises(UserError, match="cannot read token embeddings"):
         CovMatch(cfg.method).distill(ctx)
 

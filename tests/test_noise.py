@@ -135,3 +135,26 @@ def test_noisy_split_reuses_the_clean_feature_cache(
     for i in range(shapes.train.n_images):  # image i now holds image source[i]'s captions
         got = noisy.texts[noisy.caption_image == i]
         assert torch.equal(got, clean.texts[clean.caption_image == int(source[i])])
+
+
+def test_cached_features_never_build_the_trunks(shapes: ImageTextSet, tmp_path: Path) -> None:
+    """A run whose features are all cached sizes its heads from them and loads no trunk; a
+    trunk built later does not shift the caller's random draws."""
+    from mmdistill.data import features
+    from mmdistill.models.encoders import build_encoder
+
+    cfg = OmegaConf.load(REPO / "conf" / "encoder" / "tiny.yaml")
+    cfg.train_image_trunk = cfg.train_text_trunk = False
+    first = build_encoder(cfg)
+    features.real_split(first, shapes.train, "shapes", tmp_path)
+    fresh = build_encoder(cfg)
+    split = features.real_split(fresh, shapes.train, "shapes", tmp_path)
+    student = fresh.new_student(0)
+    assert "_trunks" not in vars(fresh)  # sized from the cache alone
+    assert student.image_head.in_features == split.images.shape[1] == first.image_dim
+    assert student.text_head.in_features == split.texts.shape[1] == first.text_dim
+    torch.manual_seed(3)
+    fresh.encode_images(torch.zeros(1, 3, cfg.image_size, cfg.image_size))  # builds them now
+    after_build = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(after_build, torch.rand(4))

@@ -74,7 +74,7 @@ def test_sweep_folder_depends_only_on_the_job_set() -> None:
     b = sweep_name(["seed=1,0", "budget.pairs=200,100", "method=lors,random", "device=cpu"])
     assert a == b and a.startswith("budget.pairs_100-200__method_lors-random__seed_0-1-")
     assert sweep_name(["method=random", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]) == (
-        sweep_name(["method=random", "threads=1"])
+        sweep_name(["method=random", "threads=1", "eval.workers=2"])
     )
     assert sweep_name(["method=random"]) != sweep_name(["method=random", "debug=tiny"])
     assert sweep_name(["dataset.split_sizes=[60,20,20]"]) != sweep_name(

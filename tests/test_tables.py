@@ -128,6 +128,8 @@ def test_mixed_protocols_stay_apart_with_a_warning(
     path = runs / "herding-10-seed1" / "results.json"
     protocol = json.loads(path.read_text())["protocol"]
     edit(path, protocol={**protocol, "steps": 30})
+    other = runs / "herding-20-seed1" / "results.json"  # workers do not change the numbers
+    edit(other, protocol={**json.loads(other.read_text())["protocol"], "workers": 2})
     tables.main([str(runs), "--out", str(tmp_path / "out")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "differ" in line]
     assert len(warnings) == 1 and "eval.steps" in warnings[0] and "30" in warnings[0]

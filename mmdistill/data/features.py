@@ -96,7 +96,8 @@ def _pixels(
 def _encode_images(
     encoder: Encoder, split: ImageTextSplit, device: str, batch: int, progress
 ) -> Tensor:
-    trunk = encoder.image_trunk.to(device)
+    # channels_last about halves a conv trunk's CPU time; the features agree to float rounding.
+    trunk = encoder.image_trunk.to(device, memory_format=torch.channels_last)
     out = []
     task = (
         progress.add_task(f"encode {split.name} images", total=split.n_images) if progress else None
@@ -105,7 +106,7 @@ def _encode_images(
         idx = range(s, min(s + batch, split.n_images))
         px = torch.stack([encoder.preprocess(im) for im in split.images(idx)]).to(device)
         with torch.no_grad():
-            out.append(trunk(px).float().cpu())
+            out.append(trunk(px.contiguous(memory_format=torch.channels_last)).float().cpu())
         if progress:
             progress.advance(task, len(idx))
     return torch.cat(out)
@@ -114,16 +115,23 @@ def _encode_images(
 def _encode_texts(
     encoder: Encoder, name: str, captions: list[str], device: str, batch: int, progress
 ) -> Tensor:
+    """Captions in batches of similar length, each cut to its longest caption: the padding a
+    fixed context length adds is masked out anyway, and skipping it is ~3x faster."""
     trunk = encoder.text_trunk.to(device)
-    out = []
+    tokens = encoder.tokenize(captions)
+    lengths = tokens.mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = torch.empty(len(captions), trunk.out_dim)
     task = progress.add_task(f"encode {name} captions", total=len(captions)) if progress else None
     for s in range(0, len(captions), batch):
-        tok = encoder.tokenize(captions[s : s + batch])
+        rows = order[s : s + batch]
+        width = max(int(lengths[rows].max()), 1)
+        ids, mask = tokens.ids[rows, :width].to(device), tokens.mask[rows, :width].to(device)
         with torch.no_grad():
-            out.append(trunk(tok.ids.to(device), tok.mask.to(device)).float().cpu())
+            out[rows] = trunk(ids, mask).float().cpu()
         if progress:
-            progress.advance(task, len(tok.ids))
-    return torch.cat(out)
+            progress.advance(task, len(rows))
+    return out
 
 
 def real_split(
@@ -157,6 +165,10 @@ def real_split(
     else:
         tok = encoder.tokenize(split.captions)
         texts, mask = tok.ids, tok.mask
+    encoder.note_feature_dims(
+        image=images.shape[1] if encoder.image_space == "feature" else None,
+        text=texts.shape[1] if encoder.text_space == "feature" else None,
+    )
     return RealSplit(
         name=split.name,
         images=images,

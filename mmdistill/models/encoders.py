@@ -8,13 +8,15 @@ an open_clip model config kept as data in `model_configs/`, so methods see one i
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-import open_clip
 import torch
 from omegaconf import DictConfig
 from PIL import Image
@@ -24,9 +26,27 @@ from mmdistill.models.student import Student, TextTrunk, make_head
 from mmdistill.registry import Registry
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIGS)
 
 ENCODERS: Registry = Registry("encoder")
+
+
+@functools.cache
+def open_clip() -> ModuleType:
+    """open_clip, imported on first use with our model configs registered: importing it (and
+    torchvision, timm, transformers behind it) costs seconds that a run on cached features
+    never needs."""
+    import open_clip as module
+
+    module.add_model_config(MODEL_CONFIGS)
+    return module
+
+
+def model_config(name: str) -> dict | None:
+    """An open_clip model config: ours are read as data, others from open_clip's registry."""
+    ours = MODEL_CONFIGS / f"{name}.json"
+    if ours.is_file():
+        return json.loads(ours.read_text())
+    return open_clip().get_model_config(name)
 
 
 class OpenClipTextTrunk(TextTrunk):
@@ -75,7 +95,11 @@ class Tokens:
 
 
 class Encoder:
-    """Trunks + preprocessing + tokenizer + head recipe; builds students on demand."""
+    """Trunks + preprocessing + tokenizer + head recipe; builds students on demand.
+
+    The trunks are built on first use: a run whose features are all cached never loads them,
+    since the cached features tell the heads their input sizes (`note_feature_dims`).
+    """
 
     def __init__(
         self,
@@ -91,11 +115,36 @@ class Encoder:
         self.tokenize = tokenize
         self.train_image_trunk: bool = bool(cfg.train_image_trunk)
         self.train_text_trunk: bool = bool(cfg.train_text_trunk)
-        self.image_trunk, self.text_trunk = make_trunks(cfg.get("seed", 0))
-        for trunk in (self.image_trunk, self.text_trunk):
+        self._dims: dict[str, int] = {}
+
+    @functools.cached_property
+    def _trunks(self) -> tuple[nn.Module, TextTrunk]:
+        with torch.random.fork_rng(devices=[]):  # building them never shifts a caller's draws
+            image, text = self._make_trunks(self.cfg.get("seed", 0))
+        for trunk in (image, text):
             trunk.eval().requires_grad_(False)
-        self.image_dim: int = self.image_trunk.out_dim
-        self.text_dim: int = self.text_trunk.out_dim
+        return image, text
+
+    @property
+    def image_trunk(self) -> nn.Module:
+        return self._trunks[0]
+
+    @property
+    def text_trunk(self) -> TextTrunk:
+        return self._trunks[1]
+
+    def note_feature_dims(self, image: int | None = None, text: int | None = None) -> None:
+        """Record the trunks' output sizes, read off cached features, so heads can be built
+        without loading the trunks."""
+        self._dims.update({k: v for k, v in (("image", image), ("text", text)) if v is not None})
+
+    @property
+    def image_dim(self) -> int:
+        return self._dims.get("image") or self.image_trunk.out_dim
+
+    @property
+    def text_dim(self) -> int:
+        return self._dims.get("text") or self.text_trunk.out_dim
 
     @property
     def image_space(self) -> str:
@@ -167,18 +216,26 @@ def _import_builders() -> None:
     from mmdistill.models import pretrained  # noqa: F401  (registration side effect)
 
 
-def clip_preprocess(size: int, mean: tuple[float, ...], std: tuple[float, ...]):
-    """Resize (bicubic) to a square, to tensor, normalise: the papers' test transform."""
-    from torchvision import transforms as T
+def clip_preprocess(
+    size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Image.Image], Tensor]:
+    """Resize (bicubic) to a square, to tensor, normalise: the papers' test transform.
+    torchvision is imported on the first image, not when the encoder is built."""
 
-    return T.Compose(
-        [
-            T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
-            T.Lambda(lambda im: im.convert("RGB")),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    @functools.cache
+    def transform() -> Callable[[Image.Image], Tensor]:
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+                T.Lambda(lambda im: im.convert("RGB")),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
+
+    return lambda image: transform()(image)
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -220,10 +277,10 @@ def build_open_clip_scratch(cfg: DictConfig) -> Encoder:
     def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
         torch.manual_seed(seed)
         with quiet_open_clip():
-            model = open_clip.create_model(cfg.model_config, force_custom_text=True)
+            model = open_clip().create_model(cfg.model_config, force_custom_text=True)
         return OpenClipVisionTrunk(model.visual), _TinyText(model.text)
 
-    tokenizer = open_clip.get_tokenizer(cfg.model_config)
+    tokenizer = open_clip().get_tokenizer(cfg.model_config)
 
     def tokenize(captions: list[str]) -> Tokens:
         ids = tokenizer(captions)

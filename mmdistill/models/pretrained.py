@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import open_clip
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -46,6 +45,8 @@ from mmdistill.models.encoders import (
     OpenClipVisionTrunk,
     Tokens,
     clip_preprocess,
+    model_config,
+    open_clip,
     quiet_open_clip,
 )
 from mmdistill.models.student import TextTrunk
@@ -242,7 +243,7 @@ def load_image_checkpoint(model: nn.Module, path: Path) -> None:
 
 
 def _model_config(name: str) -> dict:
-    base = open_clip.get_model_config(name)
+    base = model_config(name)
     if base is None:
         raise UserError(f"unknown open_clip model config {name!r}")
     return base
@@ -268,7 +269,7 @@ def build_timm_hf(cfg: DictConfig) -> Encoder:
     def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
         torch.manual_seed(seed)
         with hf_offline(offline), quiet_loading():
-            model = open_clip.create_model(
+            model = open_clip().create_model(
                 cfg.model_config,
                 pretrained_image=image_hub,
                 pretrained_text=text_weights,
@@ -293,7 +294,7 @@ def build_open_clip_pretrained(cfg: DictConfig) -> Encoder:
 
     def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
         torch.manual_seed(seed)
-        model = open_clip.create_model(
+        model = open_clip().create_model(
             cfg.model_config,
             pretrained=weights,
             force_custom_text=True,
@@ -302,7 +303,9 @@ def build_open_clip_pretrained(cfg: DictConfig) -> Encoder:
         )
         return OpenClipVisionTrunk(model.visual), ClipTextTrunk(model.text)
 
-    tokenizer = open_clip.get_tokenizer(cfg.model_config, context_length=cfg.get("context_length"))
+    tokenizer = open_clip().get_tokenizer(
+        cfg.model_config, context_length=cfg.get("context_length")
+    )
 
     def tokenize(captions: list[str]) -> Tokens:
         ids = tokenizer(list(captions))

@@ -12,6 +12,7 @@ they take by shape, so real and synthetic data flow through the same code:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -40,6 +41,24 @@ def make_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     if kind == "projection":
         return ProjectionHead(in_dim, out_dim)
     raise ValueError(f"unknown head {kind!r}; choose identity, linear or projection")
+
+
+class FeatureDropout(nn.Module):
+    """Inverted dropout whose mask is drawn as `rand >= p`: the same distribution as
+    `nn.Dropout`, at about half its CPU cost (a per-element bernoulli draw is slow on CPU, and
+    the input-feature dropout is the hottest op of a feature-space student step)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand_like(x) >= self.p
+        return x * keep / (1.0 - self.p)
 
 
 class TextTrunk(nn.Module):
@@ -74,7 +93,7 @@ class Student(nn.Module):
         self.image_head = image_head
         self.text_head = text_head
         self.logit_scale = 1.0 / temperature
-        self.feature_dropout = nn.Dropout(feature_dropout)
+        self.feature_dropout = FeatureDropout(feature_dropout)
 
     def image_features(self, images: Tensor) -> Tensor:
         if images.dim() == 2:
