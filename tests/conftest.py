@@ -34,6 +34,21 @@ def _isolated_outputs(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The real-data tests first: they are the longest file, so with pytest-xdist handing out
+    whole files in collection order (scripts/test.sh) one worker starts them at once while the
+    others share the rest."""
+    items.sort(key=lambda item: item.path.name != "test_real_data.py")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads_per_worker() -> None:
+    """Parallel test workers (pytest-xdist) share the cores instead of each taking all."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for small workloads: faster than two fighting over shared cores."""

@@ -24,8 +24,9 @@ from mmdistill.protocol import run_protocol
 from mmdistill.runs import Run
 
 PAIRS = 100
-# 3 students x 1,000 steps: the recipe's steps, fewer students than the benchmark's 5.
-EVAL = ["eval.students=3"]
+# 3 students x 1,000 steps: the recipe's steps, fewer students than the benchmark's 5; two
+# at a time in forked one-thread workers (the tests themselves run at one thread).
+EVAL = ["eval.students=3", "eval.workers=2"]
 TRAJECTORY = ["expert.num_experts=3", "method.iterations=150", "method.eval_every=50"]
 
 
@@ -114,8 +115,9 @@ def test_trajectory_matching_beats_random(clean: Bench, method: str, margin: flo
 
 def test_mdw_on_noisy_data_beats_random_and_detects_clean_pairs(noisy: Bench) -> None:
     """At noise 0.5 (benchmark: MDW 38.6 vs random 7.2, LoRS 23.4; detection precision 0.93).
-    The dual-track detection runs in full; the matching is shortened."""
-    score, pairs = noisy.score("mdw", *TRAJECTORY)
+    The dual-track detection runs 2 of its 3 co-teaching rounds (here round 2 reached precision
+    0.93, recall 0.54); the matching is shortened."""
+    score, pairs = noisy.score("mdw", *TRAJECTORY, "method.dual.rounds=2")
     detection = pairs.meta["mdw"]["detection"]
     assert detection["precision"] >= 0.9 and detection["recall"] >= 0.4, detection
     assert load_mask(noisy.run.path) is not None
