@@ -254,6 +254,7 @@ def run_protocol(
     seed: int,
     done: list[dict] | None = None,
     on_student: Callable[[list[dict]], None] | None = None,
+    log_level: int = logging.INFO,
 ) -> ProtocolResult:
     """Train `cfg.students` fresh students and test each; `done` resumes a partial run."""
     results = list(done or [])
@@ -262,7 +263,7 @@ def run_protocol(
     todo = list(range(len(results), int(cfg.students)))
     for rec in _students(job, todo, student_workers(cfg, device, len(todo))):
         results.append(rec)
-        log.info("student %d: r_mean %.2f", rec["student"], rec["r_mean"])
+        log.log(log_level, "student %d: r_mean %.2f", rec["student"], rec["r_mean"])
         if on_student:
             on_student(results)
     return ProtocolResult(students=results, summary=summarize(results))

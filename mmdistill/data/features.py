@@ -116,7 +116,7 @@ def _encode_texts(
     encoder: Encoder, name: str, captions: list[str], device: str, batch: int, progress
 ) -> Tensor:
     """Captions in batches of similar length, each cut to its longest caption: the padding a
-    fixed context length adds is masked out anyway, and skipping it is ~3x faster."""
+    fixed context length adds is masked out anyway, and skipping it is about 2x faster."""
     trunk = encoder.text_trunk.to(device)
     tokens = encoder.tokenize(captions)
     lengths = tokens.mask.sum(dim=1)

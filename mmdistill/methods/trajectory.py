@@ -46,7 +46,7 @@ from mmdistill.methods.base import METHODS, DistillContext
 from mmdistill.methods.lora import LoraSettings
 from mmdistill.models.student import Student
 from mmdistill.pairs import PairSet
-from mmdistill.protocol import evaluate, train_student
+from mmdistill.protocol import run_protocol
 from mmdistill.runs import Run
 from mmdistill.similarity import build_similarity
 
@@ -535,15 +535,15 @@ class TrajectoryMatching:
         return syn.pairset(self.loss_name, loop.meta)
 
     def _val_score(self, ctx: DistillContext, pairs: PairSet) -> float:
-        """Mean val r_mean of a few students trained on the current set (fixed seeds)."""
-        eval_cfg = OmegaConf.merge(ctx.cfg.eval, {"selection": "final"})
-        scores = []
-        for k in range(int(self.cfg.val_students)):
-            seed = 10_000_000 + k
-            student = ctx.encoder.new_student(seed, feature_dropout=float(eval_cfg.feature_dropout))
-            student, _ = train_student(student, pairs, eval_cfg, seed, ctx.device)
-            scores.append(evaluate(student, ctx.val, ctx.device)["r_mean"])
-        return sum(scores) / len(scores)
+        """Mean val r_mean of a few students trained on the current set: the protocol's own
+        students (parallel on CPU), on val, with fixed seeds 10,000,000 + k."""
+        eval_cfg = OmegaConf.merge(
+            ctx.cfg.eval, {"selection": "final", "students": int(self.cfg.val_students)}
+        )
+        res = run_protocol(
+            ctx.encoder, pairs, eval_cfg, ctx.val, None, ctx.device, 10_000, log_level=logging.DEBUG
+        )
+        return res.summary["r_mean"]["mean"]
 
     def _stop(
         self,
