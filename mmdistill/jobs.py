@@ -29,7 +29,8 @@ from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
+# soft_wrap: paths and one-line errors stay one line, whatever the terminal width.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def resolve_device(name: str) -> str:

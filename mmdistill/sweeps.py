@@ -207,18 +207,17 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from rich.console import Console
 
-        console = Console(stderr=True)
+        console = Console(stderr=True, soft_wrap=True)  # job paths stay one line
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = list(sweep_dir.rglob(".hydra/overrides.yaml"))
         failed = unfinished_jobs(sweep_dir)
         took = time.perf_counter() - self.started
         console.print(
-            f"sweep {sweep_dir}: {len(jobs) - len(failed)}/{len(jobs)} jobs done ({took:.0f} s)",
-            soft_wrap=True,
+            f"sweep {sweep_dir}: {len(jobs) - len(failed)}/{len(jobs)} jobs done ({took:.0f} s)"
         )
         if not failed:
             return
         console.print(f"[red]{len(failed)} job(s) did not finish[/red] (relaunch to retry):")
         for job, reason in failed:
-            console.print(f"  {job.relative_to(sweep_dir)}: {reason}", soft_wrap=True)
+            console.print(f"  {job.relative_to(sweep_dir)}: {reason}")
         sys.exit(1)
