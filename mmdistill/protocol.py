@@ -25,7 +25,7 @@ from mmdistill.losses import LOSSES
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.student import Student
 from mmdistill.pairs import PairSet
-from mmdistill.retrieval import METRICS, recall_at_k
+from mmdistill.retrieval import METRICS, NonFiniteEmbeddings, recall_at_k
 
 log = logging.getLogger(__name__)
 SELECTIONS = ("final", "best_val", "best_test")
@@ -53,12 +53,17 @@ def evaluate(student: Student, split: RealSplit, device: str) -> dict[str, float
     return recall_at_k(img, txt, split.caption_image)
 
 
+# eval.lr values that read the set's distilled step sizes: each branch its own (LoRS), or the
+# image step size for both branches (MTT-VL's evaluation).
+LEARNED = {"learned": None, "learned_image": "image"}
+
+
 def _param_groups(student: Student, cfg: DictConfig, pairs: PairSet) -> list[dict]:
-    """Heads and trunks per branch; 'learned' takes the set's distilled step sizes."""
-    learned = str(cfg.lr) == "learned"
+    """Heads and trunks per branch; 'learned' / 'learned_image' take the set's step sizes."""
+    learned = str(cfg.lr) in LEARNED
     if learned and not pairs.step_sizes:
         raise UserError(
-            "eval.lr=learned but this pair set has no learned step sizes; "
+            f"eval.lr={cfg.lr} but this pair set has no learned step sizes; "
             "use a number (eval.lr=1e-3)"
         )
     groups = []
@@ -73,7 +78,7 @@ def _param_groups(student: Student, cfg: DictConfig, pairs: PairSet) -> list[dic
             if not params:
                 continue
             if learned:
-                lr = float(pairs.step_sizes[branch])
+                lr = float(pairs.step_sizes[LEARNED[str(cfg.lr)] or branch])
             else:
                 lr = float(cfg.trunk_lr if part == "trunk" else cfg.lr)
             groups.append({"params": params, "lr": lr, "name": f"{branch}_{part}"})
@@ -153,9 +158,12 @@ def train_student(
             and cfg.selection != "final"
             and ((step + 1) % int(cfg.eval_every) == 0 or last)
         ):
-            r = evaluate(student, select_on, device)["r_mean"]
+            try:
+                r = evaluate(student, select_on, device)["r_mean"]
+            except NonFiniteEmbeddings:
+                r = None  # a diverged checkpoint is never selected
             history.append({"step": step + 1, "r_mean": r})
-            if r > best:
+            if r is not None and r > best:
                 best, best_state = r, copy.deepcopy(student.state_dict())
     if best_state is not None:
         student.load_state_dict(best_state)
@@ -213,7 +221,10 @@ def _train_and_test(job: _StudentJob, k: int) -> dict:
     student, hist = train_student(
         student, job.pairs, job.cfg, student_seed, job.device, job.select_on
     )
-    rec = evaluate(student, job.test, job.device)
+    try:
+        rec = evaluate(student, job.test, job.device)
+    except NonFiniteEmbeddings as err:
+        raise NonFiniteEmbeddings(f"student {k} (seed {student_seed}): {err}") from None
     rec.update({"student": k, "seed": student_seed, **hist})
     return rec
 

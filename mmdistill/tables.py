@@ -36,6 +36,7 @@ METHOD_ORDER = (
     "tesla",
     "lors",
     "covmatch",
+    "mdw",
 )
 FULL = "full data"
 # Recorded protocol fields that do not change the numbers.
@@ -55,6 +56,7 @@ class Result:
     seed: int
     students: list[dict[str, float]]
     mtime: float
+    commit: str | None = None  # the git commit (+ "-dirty") the run's meta.json records
 
     @property
     def row(self) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -109,8 +111,13 @@ class Table:
         shapes = {(len(c.seeds), c.n_students) for c in self.cells.values()}
         if len(shapes) == 1:
             seeds, students = shapes.pop()
-            return f"each cell pools {students} students over {seeds} seed(s)"
-        return "cells pool different numbers of seeds/students (see table.csv)"
+            return f"each cell pools {students} students over {seeds} draw(s) (seeds)"
+        return "cells pool different numbers of draws (seeds) and students (see table.csv)"
+
+    def draws(self, row: tuple) -> str:
+        """How many seeds (selection / init draws) the row's cells pool: "5", or "1-5"."""
+        counts = sorted({len(c.seeds) for (r, _), c in self.cells.items() if r == row})
+        return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
     def setting(self, row: tuple) -> str:
         sw = dict(row[1])
@@ -237,7 +244,21 @@ def read_result(path: Path) -> Result:
         seed=int(data.get("seed", 0)),
         students=students,
         mtime=path.stat().st_mtime,
+        commit=_commit(path.parent / "meta.json"),
     )
+
+
+def _commit(meta: Path) -> str | None:
+    """The short commit a run folder's meta.json records, "-dirty" when uncommitted changes
+    ran; None when it is missing or unreadable (the table still uses the results)."""
+    try:
+        git = json.loads(meta.read_text()).get("git") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    sha = git.get("sha") if isinstance(git, dict) else None
+    if not sha:
+        return None
+    return str(sha)[:7] + ("-dirty" if git.get("dirty") else "")
 
 
 def _is_number(x: Any) -> bool:
@@ -287,6 +308,13 @@ def build(results: list[Result], problems: list[str] | None = None) -> Table:
                 "using the newer"
             )
         by_seed[key] = r
+    commits = sorted({r.commit for r in by_seed.values() if r.commit})
+    if len(commits) > 1:
+        warnings.append(
+            f"warning: the results come from {len(commits)} commits ({', '.join(commits)}); a "
+            "sweep relaunched after a code change keeps its finished jobs, so re-run them into a "
+            "new folder before comparing rows"
+        )
     cells: dict[tuple, Cell] = defaultdict(Cell)
     for r in by_seed.values():
         cells[(r.row, r.budget)].results.append(r)
@@ -368,7 +396,7 @@ def method_line(table: Table) -> str:
 
 
 def markdown(table: Table, heading: str = "#") -> str:
-    lead = ["Method"] + (["Setting"] if table.has_setting else [])
+    lead = ["Method", "Draws"] + (["Setting"] if table.has_setting else [])
     head, sub = list(lead), [""] * len(lead)
     for b in table.budgets:
         head += [table.budget_label(b)] + [""] * (len(METRICS) - 1)
@@ -386,7 +414,8 @@ def markdown(table: Table, heading: str = "#") -> str:
         "| " + " | ".join(sub) + " |",
     ]
     for row in table.rows:
-        cells = [table.label(row)] + ([table.setting(row)] if table.has_setting else [])
+        cells = [table.label(row), table.draws(row)]
+        cells += [table.setting(row)] if table.has_setting else []
         for b in table.budgets:
             for m in METRICS:
                 text = fmt(table.cell(row, b), m)
@@ -563,6 +592,7 @@ def print_rich(table: Table) -> None:
     for b in table.budgets:
         t = RichTable(title=table.budget_label(b))
         t.add_column("method")
+        t.add_column("draws", justify="right")
         if table.has_setting:
             t.add_column("setting")
         for m in METRICS:
@@ -571,7 +601,8 @@ def print_rich(table: Table) -> None:
             cell = table.cell(row, b)
             if cell is None:
                 continue
-            lead = [table.label(row)] + ([table.setting(row)] if table.has_setting else [])
+            lead = [table.label(row), str(len(cell.seeds))]
+            lead += [table.setting(row)] if table.has_setting else []
             t.add_row(*lead, *(fmt(cell, m) for m in METRICS))
         console.print(t)
 

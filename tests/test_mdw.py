@@ -225,6 +225,34 @@ def test_correspondence_maps_follow_the_top_texts(tmp_path: Path) -> None:
     assert not torch.allclose(w, shifted)
 
 
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "nfnet_l0"])
+def test_correspondence_maps_vary_across_pixels_on_a_timm_conv_trunk(arch: str) -> None:
+    """On timm conv trunks (Lite0, the papers' NFNet) the last 4-D output is the global pool,
+    C x 1 x 1: Grad-CAM there gives one constant per image. The maps must come from the last
+    spatial feature map instead, and the trunk must still compute what timm's forward does."""
+    import timm
+
+    from mmdistill.models.pretrained import TimmTrunk
+    from mmdistill.models.student import Student
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=0).eval()
+    trunk = TimmTrunk(model).eval()
+    images = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(trunk(images), model(images))
+    student = Student(
+        image_head=torch.nn.Linear(trunk.out_dim, 16),
+        text_head=torch.nn.Linear(16, 16),
+        image_trunk=trunk,
+    ).eval()
+    texts = torch.randn(3, 16)
+    w = correspondence_maps(student, images, texts, None, torch.eye(3), 1)
+    assert w.shape == (3, 1, 96, 96)
+    spread = w.amax(dim=(1, 2, 3)) - w.amin(dim=(1, 2, 3))
+    assert float(spread.min()) > 0.2, spread  # every image's map varies across its pixels
+
+
 def test_budget_counts_the_matrix_and_memory_errors(tmp_path: Path) -> None:
     method = MDW(compose_cfg().method)
     method._pair_floats = 1664  # lite0_minilm: 1280 + 384 floats per pair

@@ -12,7 +12,9 @@ from mmdistill.data import build_dataset
 from mmdistill.data.features import real_split
 from mmdistill.models.encoders import build_encoder
 from mmdistill.models.student import FeatureDropout
-from mmdistill.protocol import run_protocol, student_workers
+from mmdistill import protocol
+from mmdistill.protocol import run_protocol, student_workers, train_student
+from mmdistill.retrieval import NonFiniteEmbeddings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,3 +81,64 @@ def test_feature_dropout_is_inverted_dropout() -> None:
     assert torch.equal(drop.eval()(x), x)
     with pytest.raises(ValueError, match="dropout"):
         FeatureDropout(1.0)
+
+
+def _shapes_heads_only(tmp_path: Path):
+    data_cfg = OmegaConf.load(REPO / "conf" / "dataset" / "shapes.yaml")
+    data_cfg.split_sizes = [40, 10, 20]
+    data = build_dataset(data_cfg)
+    enc_cfg = OmegaConf.load(REPO / "conf" / "encoder" / "tiny.yaml")
+    enc_cfg.train_image_trunk = enc_cfg.train_text_trunk = False
+    encoder = build_encoder(enc_cfg)
+    splits = {s: real_split(encoder, data.split(s), "shapes", tmp_path) for s in ("train", "val")}
+    return encoder, splits["train"], splits["val"]
+
+
+def test_a_blown_up_student_is_refused_not_scored_100(tmp_path: Path, one_thread) -> None:
+    """SGD at lr 1e37 for 2 steps once scored 100.0 on every metric (ties counted as hits and
+    the loss was checked only before each step). Now its embeddings are refused in one line."""
+    encoder, train, val = _shapes_heads_only(tmp_path)
+    cfg = eval_cfg(optimizer="sgd", lr=1e37, steps=2, students=1, workers=1, feature_dropout=0.0)
+    with pytest.raises(NonFiniteEmbeddings, match="student 0") as err:
+        run_protocol(encoder, train.pairset(), cfg, val, None, "cpu", 0)
+    assert "\n" not in str(err.value) and "eval.lr" in str(err.value)
+
+
+def test_selection_never_picks_a_diverged_checkpoint(
+    tmp_path: Path, one_thread, monkeypatch
+) -> None:
+    """best_val skips checkpoints whose embeddings are not finite (scored None in the history)
+    and keeps the best finite one."""
+    encoder, train, val = _shapes_heads_only(tmp_path)
+    student = encoder.new_student(0)
+    cfg = eval_cfg(selection="best_val", eval_every=1, steps=3, lr=1e-3)
+    real_evaluate = protocol.evaluate
+    calls = []
+
+    def flaky(student, split, device):
+        calls.append(1)
+        if len(calls) == 2:  # the second check sees a diverged student
+            raise NonFiniteEmbeddings("not finite")
+        return real_evaluate(student, split, device)
+
+    monkeypatch.setattr(protocol, "evaluate", flaky)
+    _, hist = train_student(student, train.pairset(), cfg, 0, "cpu", select_on=val)
+    scores = [h["r_mean"] for h in hist["history"]]
+    assert scores[1] is None and all(s is not None for s in scores[::2])
+    assert hist["selected_r_mean"] == max(s for s in scores if s is not None)
+
+
+def test_learned_image_lr_serves_both_branches(tmp_path: Path) -> None:
+    """MTT-VL's evaluation trains both encoders at the learned image step size (paper_mtt);
+    LoRS's gives each branch its own (`learned`)."""
+    encoder, train, _ = _shapes_heads_only(tmp_path)
+    pairs = train.pairset()
+    pairs.step_sizes = {"image": 0.25, "text": 0.5}
+    student = encoder.new_student(0)
+    per_branch = protocol.make_optimizer(student, eval_cfg(lr="learned"), pairs)
+    shared = protocol.make_optimizer(student, eval_cfg(lr="learned_image"), pairs)
+    assert {g["name"]: g["lr"] for g in per_branch.param_groups} == {
+        "image_head": 0.25,
+        "text_head": 0.5,
+    }
+    assert {g["lr"] for g in shared.param_groups} == {0.25}

@@ -143,8 +143,8 @@ def test_mixed_protocols_stay_apart_with_a_warning(
         ("eval.steps=5", "20", "0 1"),
     ]
     md = (tmp_path / "out" / "table.md").read_text()
-    assert "| Method | Setting |" in md
-    line = next(x for x in md.splitlines() if x.startswith("| herding | eval.steps=30"))
+    assert "| Method | Draws | Setting |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| herding | 1 | eval.steps=30"))
     assert line.count(" - ") == len(tables.METRICS)  # no 20-pair result for that protocol
 
 
@@ -212,3 +212,23 @@ def test_sets_smaller_than_their_budget_sit_in_the_budget_column(tmp_path: Path)
     assert any(m == "herding" and "20" in b for m, b in rows), rows
     assert "herding at 20 pairs distils 19 pairs" in md
     assert "| 19 pairs" not in md  # no column of its own
+
+
+def test_rows_from_different_commits_get_a_warning(tmp_path: Path, capsys) -> None:
+    """A sweep relaunched after a code change keeps its finished jobs: the table says so."""
+    runs = copy_runs(tmp_path)
+    for i, folder in enumerate(sorted(p.parent for p in runs.rglob("results.json"))):
+        sha = "a" * 40 if i % 2 else "b" * 40
+        (folder / "meta.json").write_text(json.dumps({"git": {"sha": sha, "dirty": i == 2}}))
+    tables.main([str(runs), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "commits" in x)
+    assert "3 commits" in line and "aaaaaaa" in line and "bbbbbbb-dirty" in line
+
+
+def test_one_commit_gives_no_commit_warning(tmp_path: Path, capsys) -> None:
+    runs = copy_runs(tmp_path)
+    for folder in {p.parent for p in runs.rglob("results.json")}:
+        (folder / "meta.json").write_text(json.dumps({"git": {"sha": "c" * 40, "dirty": False}}))
+    tables.main([str(runs), "--out", str(tmp_path / "out")])
+    assert "commits" not in capsys.readouterr().err

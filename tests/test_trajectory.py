@@ -291,7 +291,9 @@ def test_paper_presets_compose_and_dry_run(tmp_path: Path) -> None:
         cfg = compose_cfg(f"experiment={name}", small=False)
         pairs = int(name.rsplit("_", 1)[1])
         assert cfg.budget.pairs == pairs and cfg.encoder.name == "nfnet_bert"
-        assert cfg.expert.num_experts == 20 and cfg.eval.lr == "learned"
+        # MTT-VL evaluates with the learned image step size for both encoders; LoRS per branch.
+        learned = "learned" if name.startswith("lors_") else "learned_image"
+        assert cfg.expert.num_experts == 20 and cfg.eval.lr == learned
         if name.startswith("lors_"):
             assert cfg.method.count_similarity_in_budget and cfg.eval.selection == "best_test"
     env = dict(os.environ, MMDISTILL_OUTPUTS=str(tmp_path / "out"))

@@ -21,7 +21,8 @@ step sizes), subclassed; the settings not listed here are TESLA's (conf/method/m
   scaled to [0, 1], up-sampled to the image size. A is the last spatial activation of the
   image trunk: the patch tokens entering a ViT's last block (a class-token ViT sends no
   gradient to the patch tokens of its last output; the tiny open_clip encoder has no conv
-  feature map) or the last 4-D activation of a conv net; a trunk with neither uses the
+  feature map) or a conv net's last feature map before pooling (timm trunks: the output of
+  `forward_features`; never the 1 x 1 output of a global pool); a trunk with neither uses the
   input-gradient saliency |dh/dV|. The maps are averaged with P's (clamped) weights into W_i,
   and the image gradient becomes (map_gamma + W_i) * grad before the optimiser step. In
   feature space there is no spatial map and the term is off (recorded in the set's meta).
@@ -55,6 +56,7 @@ from mmdistill.data.noise import load_mask
 from mmdistill.errors import UserError
 from mmdistill.methods.base import METHODS, DistillContext
 from mmdistill.methods.trajectory import Synthetic, TrajectoryMatching
+from mmdistill.models.student import SpatialMap
 from mmdistill.pairs import PairSet
 from mmdistill.robust import DualTrackSettings, find_or_build_robust_buffer, robust_noise_cfg
 
@@ -261,14 +263,21 @@ class MDW(TrajectoryMatching):
 
 
 class _Activation:
-    """Captures the image trunk's last spatial activation: ViT patch tokens or a 4-D map."""
+    """Captures the image trunk's last spatial activation: the map a trunk marks with
+    `SpatialMap` (timm conv nets: the output of `forward_features`), ViT patch tokens, or the
+    last 4-D activation larger than 1 x 1 (a global pool's `C x 1 x 1` output is no map)."""
 
     def __init__(self, trunk: nn.Module) -> None:
         self.raw: Tensor | None = None
         self.grid: tuple[int, int] | None = None
         self.handles = []
         visual = getattr(trunk, "visual", None)
-        if visual is not None and hasattr(visual, "transformer") and hasattr(visual, "grid_size"):
+        marked = [m for m in trunk.modules() if isinstance(m, SpatialMap)]
+        if marked:
+            self.handles.append(marked[-1].register_forward_hook(self._keep_spatial))
+        elif (
+            visual is not None and hasattr(visual, "transformer") and hasattr(visual, "grid_size")
+        ):
             # The last block's input: a class-token ViT pools only token 0 of the last output,
             # so the patch tokens there get no gradient; one block earlier they do.
             self.grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
@@ -283,7 +292,7 @@ class _Activation:
         self.raw = inputs[0]
 
     def _keep_spatial(self, module: nn.Module, inputs: Any, out: Any) -> None:
-        if isinstance(out, Tensor) and out.dim() == 4:
+        if isinstance(out, Tensor) and out.dim() == 4 and out.shape[-2] * out.shape[-1] > 1:
             self.raw = out
 
     def as_map(self, x: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ from mmdistill.methods.lora import LoraSettings
 from mmdistill.models.student import Student
 from mmdistill.pairs import PairSet
 from mmdistill.protocol import run_protocol
+from mmdistill.retrieval import NonFiniteEmbeddings
 from mmdistill.runs import Run
 from mmdistill.similarity import build_similarity
 
@@ -487,11 +488,11 @@ class TrajectoryMatching:
             task = ctx.progress.add_task(self.name, total=iterations, completed=state["iteration"])
         clock = time.perf_counter() - state["wall"]
 
-        def validate(it: int) -> float:
+        def validate(it: int) -> float | None:
             score = self._val_score(ctx, syn.pairset(self.loss_name, loop.meta))
             wall = time.perf_counter() - clock
             state["val_history"].append([it, score, wall])
-            if state["best_val"] is None or score > state["best_val"]:
+            if score is not None and (state["best_val"] is None or score > state["best_val"]):
                 state.update(best_val=score, best_iteration=it, best_wall=wall)
                 loop.best = syn.snapshot()
             return score
@@ -508,7 +509,8 @@ class TrajectoryMatching:
                 state["loss_history"].append([it, loss])
             if eval_every > 0 and (it % eval_every == 0 or it == iterations):
                 score = validate(it)
-                log.info("%s it %d: match %.4f, val r_mean %.2f", self.name, it, loss, score)
+                shown = "diverged" if score is None else f"{score:.2f}"
+                log.info("%s it %d: match %.4f, val r_mean %s", self.name, it, loss, shown)
             state["wall"] = time.perf_counter() - clock
             if ckpt_every > 0 and (it % ckpt_every == 0 or it == iterations):
                 loop.checkpoint(ctx.run)
@@ -534,15 +536,26 @@ class TrajectoryMatching:
         )
         return syn.pairset(self.loss_name, loop.meta)
 
-    def _val_score(self, ctx: DistillContext, pairs: PairSet) -> float:
+    def _val_score(self, ctx: DistillContext, pairs: PairSet) -> float | None:
         """Mean val r_mean of a few students trained on the current set: the protocol's own
         students (parallel on CPU), on val, with fixed seeds 10,000,000 + k."""
         eval_cfg = OmegaConf.merge(
             ctx.cfg.eval, {"selection": "final", "students": int(self.cfg.val_students)}
         )
-        res = run_protocol(
-            ctx.encoder, pairs, eval_cfg, ctx.val, None, ctx.device, 10_000, log_level=logging.DEBUG
-        )
+        try:
+            res = run_protocol(
+                ctx.encoder,
+                pairs,
+                eval_cfg,
+                ctx.val,
+                None,
+                ctx.device,
+                10_000,
+                log_level=logging.DEBUG,
+            )
+        except NonFiniteEmbeddings:
+            log.warning("%s: val students diverged on the current set; not selectable", self.name)
+            return None
         return res.summary["r_mean"]["mean"]
 
     def _stop(

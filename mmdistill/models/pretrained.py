@@ -49,7 +49,7 @@ from mmdistill.models.encoders import (
     open_clip,
     quiet_open_clip,
 )
-from mmdistill.models.student import TextTrunk
+from mmdistill.models.student import SpatialMap, TextTrunk
 
 PYPI = "pypi:"
 HF_CONFIGS = MODEL_CONFIGS / "hf"
@@ -60,15 +60,20 @@ _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 class TimmTrunk(nn.Module):
-    """A timm network without classifier: pixels -> pooled features `[N, num_features]`."""
+    """A timm network without classifier: pixels -> pooled features `[N, num_features]`.
+
+    Runs timm's own two halves (`forward_features`, then `forward_head`: exactly what the
+    model's `forward` does) with the spatial map between them marked for Grad-CAM.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.out_dim = int(model.num_features)
+        self.spatial_map = SpatialMap()
 
     def forward(self, pixels: Tensor) -> Tensor:
-        return self.model(pixels)
+        return self.model.forward_head(self.spatial_map(self.model.forward_features(pixels)))
 
 
 class HFTextTrunk(TextTrunk):

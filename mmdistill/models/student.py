@@ -61,6 +61,11 @@ class FeatureDropout(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+class SpatialMap(nn.Identity):
+    """Marks where an image trunk's last spatial feature map `[N, C, h, w]` passes (before
+    pooling), so Grad-CAM reads that map and not a 1 x 1 pooled output."""
+
+
 class TextTrunk(nn.Module):
     """A text tower without its projection: ids or token embeddings + mask -> one vector."""
 
