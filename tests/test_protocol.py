@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from mmdistill import protocol
 from mmdistill.data import build_dataset
 from mmdistill.data.features import real_split
 from mmdistill.models.encoders import build_encoder
 from mmdistill.models.student import FeatureDropout
-from mmdistill import protocol
 from mmdistill.protocol import run_protocol, student_workers, train_student
 from mmdistill.retrieval import NonFiniteEmbeddings
 

@@ -275,9 +275,7 @@ class _Activation:
         marked = [m for m in trunk.modules() if isinstance(m, SpatialMap)]
         if marked:
             self.handles.append(marked[-1].register_forward_hook(self._keep_spatial))
-        elif (
-            visual is not None and hasattr(visual, "transformer") and hasattr(visual, "grid_size")
-        ):
+        elif visual is not None and hasattr(visual, "transformer") and hasattr(visual, "grid_size"):
             # The last block's input: a class-token ViT pools only token 0 of the last output,
             # so the patch tokens there get no gradient; one block earlier they do.
             self.grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
