@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mmdistill.config import conf_dir, register_resolvers
 from mmdistill.errors import UserError
 
 JOB_VERBS = ("distill", "train", "evaluate", "buffer")
@@ -32,15 +33,6 @@ examples:
   mmdistill distill dataset=flickr8k encoder=lite0_minilm method=random budget.pairs=100
   mmdistill distill -m method=random budget.pairs=100,200
 """
-
-
-def conf_dir() -> Path:
-    """Configs ship inside the wheel (mmdistill/conf); a source checkout has them at top level."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "conf", here.parent / "conf"):
-        if (cand / "distill.yaml").is_file():
-            return cand
-    raise UserError("mmdistill's conf/ folder is missing; reinstall the package")
 
 
 def check_choices(args: list[str], conf: Path) -> None:
@@ -83,18 +75,6 @@ def resume_args(args: list[str]) -> list[str]:
     return [a for a in out if "=" in a] + [a for a in out if "=" not in a]
 
 
-def _register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("basename"):
-        OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).name)
-    if not OmegaConf.has_resolver("budget_name"):
-        # `100` for budget.pairs=100, `r0.003` for budget.ratio=0.003 (folder names).
-        OmegaConf.register_new_resolver(
-            "budget_name", lambda pairs, ratio: f"r{ratio}" if pairs is None else str(pairs)
-        )
-
-
 def _job_app(verb: str) -> Callable[[], None]:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -103,7 +83,9 @@ def _job_app(verb: str) -> Callable[[], None]:
 
     @hydra.main(config_path=str(conf_dir()), config_name=verb, version_base="1.3")
     def app(cfg: DictConfig) -> None:
-        from mmdistill.jobs import JOBS, console, resolve_device
+        from mmdistill.console import console
+        from mmdistill.jobs import JOBS, resolve_device
+        from mmdistill.runs import record_failure
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
@@ -114,7 +96,7 @@ def _job_app(verb: str) -> Callable[[], None]:
             JOBS[verb](cfg, run_dir, resolve_device(str(cfg.device)))
             console.print(f"run folder: {run_dir}")
         except UserError as err:
-            _record_failure(run_dir, str(err))
+            record_failure(run_dir, str(err))
             if hc.mode == RunMode.MULTIRUN:
                 console.print(f"[red]job failed[/red] ({run_dir}): {err}")
                 return
@@ -125,22 +107,12 @@ def _job_app(verb: str) -> Callable[[], None]:
                 raise
             # One crashing job must not stop the sweep; it is listed when the sweep ends.
             logging.getLogger("mmdistill").exception("job failed")
-            _record_failure(run_dir, f"{type(err).__name__}: {err}")
+            record_failure(run_dir, f"{type(err).__name__}: {err}")
             console.print(
                 f"[red]job failed[/red] ({run_dir}): {type(err).__name__}: {err}", soft_wrap=True
             )
 
     return app
-
-
-def _record_failure(run_dir: Path, message: str) -> None:
-    from mmdistill import io
-
-    meta = run_dir / "meta.json"
-    if meta.is_file():
-        info = io.read_json(meta)
-        info.update(status="failed", error=message)
-        io.write_json(meta, info)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,17 +130,13 @@ def main(argv: list[str] | None = None) -> None:
             from mmdistill.sweeps import job_args
 
             args = job_args(verb, resume_args(args))
-            _register_resolvers()
+            register_resolvers()
             sys.argv = [f"mmdistill-{verb}", *args]
             _job_app(verb)()
-        elif verb == "table":
-            from mmdistill.tables import main as table_main
+        elif verb in FOLDER_VERBS:
+            from mmdistill.jobs import FOLDER_JOBS
 
-            table_main(args)
-        elif verb == "export":
-            from mmdistill.export import main as export_main
-
-            export_main(args)
+            FOLDER_JOBS[verb](args)
         else:
             raise UserError(
                 f"unknown verb {verb!r}; choose one of: {', '.join(JOB_VERBS + FOLDER_VERBS)}"

@@ -1,4 +1,5 @@
-"""The verbs that run jobs: distill, train (full-data upper bound) and evaluate.
+"""Every verb: the Hydra jobs (distill, train, evaluate, buffer) and the folder verbs (table,
+export).
 
 Each job writes into one run folder (Hydra's output dir): meta.json, the pair set, results.json,
 recall.md and a `done` marker. A folder that is `done` is skipped; one that is not is resumed
@@ -7,30 +8,37 @@ from what it holds (distilled set, finished students, method checkpoints).
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
-from mmdistill import io, report
+from mmdistill import io
+from mmdistill.config import register_resolvers
+from mmdistill.console import console, progress_bar
 from mmdistill.data import ImageTextSet, build_dataset
-from mmdistill.data.features import RealSplit, real_split
+from mmdistill.data.noise import NoiseMask, apply_noise, save_mask
 from mmdistill.errors import UserError
-from mmdistill.export import export_run
 from mmdistill.methods import DistillContext, get_method
-from mmdistill.models.encoders import Encoder, build_encoder
-from mmdistill.pairs import PairSet
-from mmdistill.protocol import run_protocol
+from mmdistill.models.encoders import Encoder
+from mmdistill.models.factory import build_encoder
+from mmdistill.report import recall, tables
+from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
+from mmdistill.training.experts import find_or_build_buffer
+from mmdistill.training.features import RealSplit, real_split
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.protocol import run_protocol
 
 log = logging.getLogger(__name__)
-# soft_wrap: paths and one-line errors stay one line, whatever the terminal width.
-console = Console(stderr=True, soft_wrap=True)
 
 
 def resolve_device(name: str) -> str:
@@ -43,17 +51,6 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
-
-
 @dataclass
 class Prepared:
     encoder: Encoder
@@ -61,15 +58,15 @@ class Prepared:
     val: RealSplit
     test: RealSplit
     data: ImageTextSet
+    noise_mask: NoiseMask | None  # which training pairs the noise corrupted (None: clean data)
 
 
 def prepare(cfg: DictConfig, device: str, run: Run, progress: Progress) -> Prepared:
     """Read the dataset, apply noise, build the encoder and the real splits (cached)."""
     with run.timed("data"):
-        data = build_dataset(cfg.dataset)
-        from mmdistill.data.noise import apply_noise
-
-        data = apply_noise(data, cfg.noise, run.path)
+        data, mask = apply_noise(build_dataset(cfg.dataset), cfg.noise)
+        if mask is not None:
+            save_mask(run.path, mask)
         encoder = build_encoder(cfg.encoder)
         splits = {
             s: real_split(
@@ -82,7 +79,7 @@ def prepare(cfg: DictConfig, device: str, run: Run, progress: Progress) -> Prepa
             )
             for s in ("train", "val", "test")
         }
-    return Prepared(encoder, splits["train"], splits["val"], splits["test"], data)
+    return Prepared(encoder, splits["train"], splits["val"], splits["test"], data, mask)
 
 
 def _evaluate_pairs(
@@ -120,8 +117,8 @@ def _evaluate_pairs(
         "summary": res.summary,
     }
     io.write_json(run.path / "results.json", results)
-    io.write_text(run.path / "recall.md", report.markdown(title, res.summary, len(res.students)))
-    report.print_table(console, title, res.summary, len(res.students))
+    io.write_text(run.path / "recall.md", recall.markdown(title, res.summary, len(res.students)))
+    recall.print_table(console, title, res.summary, len(res.students))
     return results
 
 
@@ -136,9 +133,7 @@ def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
             console.print(f"resuming: using the distilled set already in {run.path}")
             pairs = PairSet.load(distilled)
         else:
-            ctx = DistillContext(
-                cfg, prep.encoder, prep.train, prep.val, n, device, int(cfg.seed), run, progress
-            )
+            ctx = distill_context(cfg, prep, n, device, run, progress)
             with run.timed("distill"):
                 pairs = method.distill(ctx)
             pairs = pairs.detached()
@@ -217,11 +212,116 @@ def _check_compatible(pairs: PairSet, prep: Prepared) -> None:
         )
 
 
+def distill_context(
+    cfg: DictConfig, prep: Prepared, pairs: int, device: str, run: Run, progress: Progress | None
+) -> DistillContext:
+    """What a method sees of the job: the prepared data and the settings it may read."""
+    return DistillContext(
+        encoder=prep.encoder,
+        train=prep.train,
+        val=prep.val,
+        pairs=pairs,
+        device=device,
+        seed=int(cfg.seed),
+        run=run,
+        progress=progress,
+        dataset=str(cfg.dataset.name),
+        noise=cfg.noise,
+        noise_mask=prep.noise_mask,
+        eval=cfg.eval,
+        expert=cfg.get("expert"),
+        cache_dir=Path(str(cfg.paths.cache_dir)).expanduser(),
+    )
+
+
 def buffer(cfg: DictConfig, run_dir: Path, device: str) -> None:
-    """Expert trajectories for trajectory-matching methods (see mmdistill.experts)."""
-    from mmdistill.experts import buffer_job
+    """`mmdistill buffer`: train the experts (all, or `expert.index`) into the shared cache."""
+    run = Run(run_dir, "buffer", device, int(cfg.seed))
+    index = cfg.expert.get("index")
+    indices = None if index is None else [int(index)]
+    if indices is not None and not 0 <= indices[0]:
+        raise UserError(f"expert.index={index} must be >= 0")
+    with progress_bar() as progress:
+        prep = prepare(cfg, device, run, progress)
+        with run.timed("experts"):
+            buf = find_or_build_buffer(
+                cfg.expert,
+                prep.encoder,
+                prep.train,
+                prep.val,
+                cfg.dataset.name,
+                cfg.noise,
+                Path(cfg.paths.cache_dir),
+                device,
+                indices=indices,
+                say=console.print,
+                progress=progress,
+            )
+    wanted = indices if indices is not None else list(range(int(cfg.expert.num_experts)))
+    experts = [json.loads(buf.metadata(i).get("stats", "{}")) for i in wanted]
+    io.write_json(
+        run.path / "buffer.json", {"path": str(buf.path), "key": buf.key, "experts": experts}
+    )
+    run.set(buffer=str(buf.path), buffer_key=buf.key)
+    run.mark_done()
 
-    buffer_job(cfg, run_dir, device)
+
+JOBS: dict[str, Callable[[DictConfig, Path, str], None]] = {
+    "distill": distill,
+    "train": train,
+    "evaluate": evaluate,
+    "buffer": buffer,
+}
 
 
-JOBS = {"distill": distill, "train": train, "evaluate": evaluate, "buffer": buffer}
+# ------------------------------------------------------------------------------ folder verbs
+
+
+def table(args: list[str]) -> None:
+    """`mmdistill table <folder>...`: every results.json below the folders, paper layout."""
+    ap = argparse.ArgumentParser(
+        prog="mmdistill table",
+        description="Aggregate results.json files below the folders into paper-layout tables.",
+    )
+    ap.add_argument("folders", nargs="+", type=Path, help="sweep or run folders (searched deeply)")
+    ap.add_argument("--out", type=Path, help="where to write the tables (default: first folder)")
+    ap.add_argument(
+        "--into", type=Path, help="also put the Markdown table into this document (a section)"
+    )
+    ap.add_argument("--section", default="results", help="the section's name for --into")
+    ns = ap.parse_args(args)
+    results, problems = tables.collect(ns.folders)
+    built = tables.build(results, problems)
+    for line in built.warnings:
+        print(line, file=sys.stderr)
+    tables.print_rich(built)
+    files = tables.write(built, ns.out or ns.folders[0])
+    if ns.into:
+        tables.update_section(ns.into, ns.section, tables.markdown(built, heading="###"))
+        files.append(ns.into)
+    print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)
+
+
+def export(args: list[str]) -> None:
+    """`mmdistill export <run>`: image grid, nearest real captions and similarity heat-map."""
+    ap = argparse.ArgumentParser(
+        prog="mmdistill export",
+        description="Image grid, nearest real captions and similarity heat-map of a distill run.",
+    )
+    ap.add_argument("run", type=Path, help="a distill run folder")
+    ap.add_argument("--out", type=Path, help="where to write (default: the run folder)")
+    ap.add_argument("--max", type=int, default=64, help="images in the grid (default 64)")
+    ap.add_argument("--neighbours", type=int, default=3, help="real images per feature row")
+    ap.add_argument("--device", default="cpu", help="for encoding uncached features")
+    ns = ap.parse_args(args)
+    if not ns.run.is_dir():
+        raise UserError(f"{ns.run} is not a folder; give a distill run folder")
+    register_resolvers()
+    files = export_run(
+        ns.run, out=ns.out, max_images=ns.max, neighbours=ns.neighbours, device=ns.device
+    )
+    for f in files:
+        print(f, file=sys.stderr)
+
+
+FOLDER_JOBS: dict[str, Callable[[list[str]], None]] = {"table": table, "export": export}

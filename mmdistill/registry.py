@@ -1,4 +1,4 @@
-"""Name -> factory registries, so configs pick implementations without if-chains."""
+"""Name -> factory tables, so configs pick implementations without if-chains."""
 
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -11,9 +11,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A named table of factories; unknown names fail with the list of valid choices."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, items: dict[str, T] | None = None) -> None:
         self.kind = kind
-        self._items: dict[str, T] = {}
+        self._items: dict[str, T] = dict(items or {})
 
     def register(self, *names: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
@@ -33,7 +33,8 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        """Every name, in the order the table lists them."""
+        return list(self._items)
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

@@ -129,3 +129,12 @@ class Run:
         if not (t.is_file() and s.is_file()):
             return None
         return io.load_tensors(t), io.read_json(s)
+
+
+def record_failure(run_dir: Path, message: str) -> None:
+    """Mark a run folder's meta.json failed, with the message (no-op before meta.json exists)."""
+    meta = Path(run_dir) / "meta.json"
+    if meta.is_file():
+        info = io.read_json(meta)
+        info.update(status="failed", error=message)
+        io.write_json(meta, info)

@@ -24,6 +24,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mmdistill import io
+from mmdistill.config import register_resolvers
 from mmdistill.errors import UserError
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -134,8 +136,6 @@ def unfinished_jobs(sweep_dir: Path) -> list[tuple[Path, str]]:
         reason = "interrupted or not started"
         meta = job / "meta.json"
         if meta.is_file():
-            from mmdistill import io
-
             try:
                 info = io.read_json(meta)
                 reason = info.get("error") or f"status {info.get('status', '?')}"
@@ -200,9 +200,7 @@ class SweepCallback(Callback):
                 folder = Path(str(config.hydra.sweep.dir)) / ".devices"
                 self.slot = claim_slot(folder, torch.cuda.device_count())
             torch.cuda.set_device(self.slot)
-        from mmdistill.cli import _register_resolvers
-
-        _register_resolvers()  # joblib workers are fresh processes
+        register_resolvers()  # joblib workers are fresh processes
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from rich.console import Console

@@ -43,32 +43,21 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from mmdistill.cli import _register_resolvers, conf_dir
-
-    _register_resolvers()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("distill", overrides=overrides)
-
-
 def child(overrides: list[str], threads: int) -> dict:
     """One measured run (in a fresh process)."""
     import torch
 
     torch.set_num_threads(threads)
-    from mmdistill.jobs import prepare
-    from mmdistill.methods import DistillContext, get_method
+    from mmdistill.config import compose
+    from mmdistill.jobs import distill_context, prepare
+    from mmdistill.methods import get_method
     from mmdistill.runs import Run
 
-    cfg = _compose(overrides)
+    cfg = compose("distill", overrides)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(Path(tmp), "distill", "cpu", 0)
         prep = prepare(cfg, "cpu", run, None)
-        ctx = DistillContext(
-            cfg, prep.encoder, prep.train, prep.val, int(cfg.budget.pairs), "cpu", 0, run
-        )
+        ctx = distill_context(cfg, prep, int(cfg.budget.pairs), "cpu", run, None)
         method = get_method(cfg.method.name)(cfg.method)
         before = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter

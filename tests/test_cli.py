@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mmdistill import io
-from mmdistill.pairs import PairSet
+from mmdistill.training.pairs import PairSet
 
 REPO = Path(__file__).resolve().parents[1]
 # Small shapes data and short students: the same code path as the default run, in seconds.
@@ -164,7 +164,7 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
     assert "mmdistill/models/model_configs/mmd-tiny.json" in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = "from mmdistill.cli import conf_dir; print(conf_dir())"
+    code = "from mmdistill.config import conf_dir; print(conf_dir())"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mmdistill.cli import _register_resolvers, conf_dir
+from mmdistill.config import conf_dir, register_resolvers
 
 CONF = conf_dir()
 GROUPS = ("dataset", "encoder", "method", "noise", "eval", "debug")
@@ -15,7 +15,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def composed(verb: str, overrides: list[str], hydra: bool = False) -> OmegaConf:
-    _register_resolvers()
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=verb, overrides=overrides, return_hydra_config=hydra)
 

@@ -7,29 +7,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from mmdistill.config import compose
 from mmdistill.errors import UserError
-from mmdistill.jobs import prepare
+from mmdistill.jobs import distill_context, prepare
 from mmdistill.methods import DistillContext, get_method
 from mmdistill.methods.coresets import _retrieved, forgetting_counts, herding, kcenter
-from mmdistill.pairs import PairSet
 from mmdistill.runs import Run
+from mmdistill.training.pairs import PairSet
 
 REPO = Path(__file__).resolve().parents[1]
 CORESETS = ("random", "herding", "kcenter", "forgetting")
 
 
 def compose_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("distill", overrides=["device=cpu", *overrides])
+    return compose("distill", ["device=cpu", *overrides])
 
 
 def context(tmp: Path, cfg: DictConfig, pairs: int) -> DistillContext:
     run = Run(tmp, "distill", "cpu", int(cfg.seed))
     prep = prepare(cfg, "cpu", run, None)
-    return DistillContext(cfg, prep.encoder, prep.train, prep.val, pairs, "cpu", 0, run)
+    return distill_context(cfg, prep, pairs, "cpu", run, None)
 
 
 # --------------------------------------------------------------------------- selection rules

@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mmdistill import io
+from mmdistill.config import compose
 from mmdistill.errors import UserError
-from mmdistill.jobs import prepare
+from mmdistill.jobs import distill_context, prepare
 from mmdistill.methods import DistillContext, get_method
 from mmdistill.methods.covmatch import CovMatch, covmatch_loss, cross_covariance
-from mmdistill.models.encoders import build_encoder
+from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import TextTrunk
-from mmdistill.pairs import PairSet
-from mmdistill.protocol import run_protocol
 from mmdistill.runs import Run
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.protocol import run_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["dataset.split_sizes=[60,20,30]", "eval.students=1", "eval.steps=5"]
@@ -33,14 +33,13 @@ SHORT = ["method.steps=20", "method.reset_every=5", "method.checkpoint_every=10"
 
 
 def compose_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose("distill", overrides=["device=cpu", "method=covmatch", *overrides])
+    return compose("distill", ["device=cpu", "method=covmatch", *overrides])
 
 
 def context(run_dir: Path, cfg: DictConfig, pairs: int) -> tuple[DistillContext, object]:
     run = Run(run_dir, "distill", "cpu", int(cfg.seed))
     prep = prepare(cfg, "cpu", run, None)
-    ctx = DistillContext(cfg, prep.encoder, prep.train, prep.val, pairs, "cpu", 0, run)
+    ctx = distill_context(cfg, prep, pairs, "cpu", run, None)
     return ctx, prep
 
 
@@ -260,8 +259,7 @@ def test_cli_bad_synthetic_batch_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dataset", ["flickr30k", "coco"])
 def test_paper_presets_carry_the_paper_settings(dataset: str) -> None:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("distill", overrides=[f"experiment=covmatch_{dataset}_500"])
+    cfg = compose("distill", [f"experiment=covmatch_{dataset}_500"])
     assert cfg.dataset.name == dataset and cfg.encoder.name == "nfnet_bert"
     assert (
         cfg.encoder.train_text_trunk and cfg.encoder.head.image == cfg.encoder.head.text == "linear"

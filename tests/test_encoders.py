@@ -14,7 +14,8 @@ from PIL import Image
 from torch import nn
 
 from mmdistill.models import lite0
-from mmdistill.models.encoders import Tokens, build_encoder
+from mmdistill.models.encoders import Tokens
+from mmdistill.models.factory import build_encoder
 from mmdistill.models.pretrained import HF_CONFIGS, hf_offline, load_image_checkpoint
 from mmdistill.models.student import ProjectionHead
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mmdistill.cli import _register_resolvers, conf_dir
+from mmdistill.config import compose
 from mmdistill.errors import UserError
-from mmdistill.experts import (
+from mmdistill.jobs import Prepared, prepare
+from mmdistill.runs import Run
+from mmdistill.training.experts import (
     Buffer,
     ExpertSettings,
     ParamLayout,
@@ -24,8 +25,6 @@ from mmdistill.experts import (
     find_or_build_buffer,
     train_expert,
 )
-from mmdistill.jobs import Prepared, prepare
-from mmdistill.runs import Run
 
 SMALL = ["dataset.split_sizes=[40,20,20]", "expert.num_experts=2", "expert.epochs=2", "device=cpu"]
 # The tiny encoder with frozen (random) trunks: feature space, heads only, fast.
@@ -36,9 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(*overrides: str) -> DictConfig:
-    _register_resolvers()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("buffer", overrides=[*SMALL, *overrides])
+    return compose("buffer", [*SMALL, *overrides])
 
 
 def prepared(tmp_path: Path, cfg: DictConfig) -> Prepared:

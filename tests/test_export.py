@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mmdistill.cli import _register_resolvers
+from mmdistill.config import register_resolvers, run_config
 from mmdistill.data import build_dataset
 from mmdistill.errors import UserError
-from mmdistill.export import MIN_TILE, THUMB, export_run, load_config
-from mmdistill.pairs import PairSet
-from mmdistill.similarity import LowRankSimilarity
+from mmdistill.report.visuals import MIN_TILE, THUMB, export_run
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.similarity import LowRankSimilarity
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [
@@ -46,13 +46,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=600,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
-    _register_resolvers()
+    register_resolvers()
     return {"pixel": root / "True", "feature": root / "False"}
 
 
 def source_images(run: Path) -> tuple[list[int], list[Image.Image], list[str], list[str]]:
     """The coreset's source pairs: their image rows, images, image ids and captions."""
-    cfg = load_config(run)
+    cfg = run_config(run)
     train = build_dataset(cfg.dataset).split("train")
     src = PairSet.load(run / "distilled").meta["source_pairs"]
     rows = [int(train.caption_image[i]) for i in src]

@@ -9,21 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from mmdistill.cli import _register_resolvers, conf_dir
-from mmdistill.data.features import RealSplit
+from mmdistill.config import compose, conf_dir
 from mmdistill.errors import UserError
-from mmdistill.experts import Buffer, ExpertSettings, buffer_key
-from mmdistill.jobs import prepare
-from mmdistill.losses import soft_infonce
+from mmdistill.jobs import distill_context, prepare
 from mmdistill.methods import DistillContext, get_method
 from mmdistill.methods.mdw import MDW, correspondence_maps
-from mmdistill.models.encoders import build_encoder
-from mmdistill.pairs import PairSet
-from mmdistill.protocol import student_loss_name, train_student
-from mmdistill.robust import (
+from mmdistill.methods.mdw_dual_track import (
     DualTrackSettings,
     clean_probability,
     complementary_loss,
@@ -32,7 +25,13 @@ from mmdistill.robust import (
     fit_gmm_1d,
     robust_noise_cfg,
 )
+from mmdistill.models.factory import build_encoder
 from mmdistill.runs import Run
+from mmdistill.training.experts import Buffer, ExpertSettings, buffer_key
+from mmdistill.training.features import RealSplit
+from mmdistill.training.losses import soft_infonce
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.protocol import student_loss_name, train_student
 
 SMALL = [
     "dataset.split_sizes=[40,20,20]",
@@ -68,17 +67,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(*overrides: str, small: bool = True) -> DictConfig:
-    _register_resolvers()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("distill", overrides=[*(SMALL if small else []), *overrides])
+    return compose("distill", [*(SMALL if small else []), *overrides])
 
 
 def context(run_dir: Path, cfg: DictConfig) -> DistillContext:
     run = Run(run_dir, "distill", "cpu", 0)
     prep = prepare(cfg, "cpu", run, None)
-    return DistillContext(
-        cfg, prep.encoder, prep.train, prep.val, int(cfg.budget.pairs), "cpu", 0, run
-    )
+    return distill_context(cfg, prep, int(cfg.budget.pairs), "cpu", run, None)
 
 
 def distill(run_dir: Path, cfg: DictConfig) -> tuple[PairSet, DistillContext]:

@@ -8,13 +8,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mmdistill import protocol
 from mmdistill.data import build_dataset
-from mmdistill.data.features import real_split
-from mmdistill.models.encoders import build_encoder
+from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import FeatureDropout
-from mmdistill.protocol import run_protocol, student_workers, train_student
-from mmdistill.retrieval import NonFiniteEmbeddings
+from mmdistill.training import protocol
+from mmdistill.training.features import real_split
+from mmdistill.training.protocol import run_protocol, student_workers, train_student
+from mmdistill.training.retrieval import NonFiniteEmbeddings
 
 REPO = Path(__file__).resolve().parents[1]
 

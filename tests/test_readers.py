@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from mmdistill.data import READERS
-from mmdistill.data import readers as R  # noqa: F401  (registers the readers)
 from mmdistill.data.base import ImageTextSet
 from mmdistill.errors import UserError
 

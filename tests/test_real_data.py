@@ -13,15 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mmdistill.cli import _register_resolvers, conf_dir
-from mmdistill.data.noise import load_mask, save_mask
-from mmdistill.jobs import Prepared, prepare
-from mmdistill.methods import DistillContext, get_method
-from mmdistill.protocol import run_protocol
+from mmdistill.config import compose
+from mmdistill.data.noise import load_mask
+from mmdistill.jobs import Prepared, distill_context, prepare
+from mmdistill.methods import get_method
 from mmdistill.runs import Run
+from mmdistill.training.protocol import run_protocol
 
 PAIRS = 100
 # 3 students x 1,000 steps: the recipe's steps, fewer students than the benchmark's 5; two
@@ -34,20 +33,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(root: Path, *overrides: str) -> DictConfig:
-    _register_resolvers()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose(
-            "distill",
-            overrides=[
-                "dataset=flickr8k",
-                f"dataset.root={root}",
-                "encoder=lite0_minilm",
-                "device=cpu",
-                f"budget.pairs={PAIRS}",
-                *EVAL,
-                *overrides,
-            ],
-        )
+    return compose(
+        "distill",
+        [
+            "dataset=flickr8k",
+            f"dataset.root={root}",
+            "encoder=lite0_minilm",
+            "device=cpu",
+            f"budget.pairs={PAIRS}",
+            *EVAL,
+            *overrides,
+        ],
+    )
 
 
 class Bench:
@@ -66,10 +63,7 @@ class Bench:
         cfg = compose_cfg(self.root, *self.overrides, f"method={method}", *overrides)
         p = self.prep
         run = Run(self.run.path / method, "distill", "cpu", 0)  # checkpoints of its own
-        mask = load_mask(self.run.path)
-        if mask is not None:
-            save_mask(run.path, mask)
-        ctx = DistillContext(cfg, p.encoder, p.train, p.val, PAIRS, "cpu", 0, run)
+        ctx = distill_context(cfg, p, PAIRS, "cpu", run, None)
         pairs = get_method(method)(cfg.method).distill(ctx)
         res = run_protocol(p.encoder, pairs, cfg.eval, p.test, p.val, "cpu", 0)
         return res.summary["r_mean"]["mean"], pairs

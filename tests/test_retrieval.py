@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmdistill.retrieval import METRICS, NonFiniteEmbeddings, recall_at_k
+from mmdistill.training.retrieval import METRICS, NonFiniteEmbeddings, recall_at_k
 
 
 def brute_force(img: torch.Tensor, txt: torch.Tensor, cap_img: torch.Tensor) -> dict[str, float]:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmdistill import tables
 from mmdistill.errors import UserError
+from mmdistill.jobs import table
+from mmdistill.report import tables
 
 GOLDEN = Path(__file__).parent / "golden"
 RUNS = GOLDEN / "runs"
@@ -43,7 +44,7 @@ def csv_rows(folder: Path) -> list[dict[str, str]]:
 
 
 def test_golden_folder_gives_the_expected_table(tmp_path: Path) -> None:
-    tables.main([str(RUNS), "--out", str(tmp_path)])
+    table([str(RUNS), "--out", str(tmp_path)])
     for name in ("table.md", "table.csv", "table.tex"):
         assert (tmp_path / name).read_text() == (GOLDEN / "expected" / name).read_text(), name
     with Image.open(tmp_path / "recall_vs_pairs.png") as im:
@@ -51,7 +52,7 @@ def test_golden_folder_gives_the_expected_table(tmp_path: Path) -> None:
 
 
 def test_cells_pool_every_student_of_every_seed(tmp_path: Path) -> None:
-    tables.main([str(RUNS), "--out", str(tmp_path)])
+    table([str(RUNS), "--out", str(tmp_path)])
     rows = {(r["method"], r["pairs"]): r for r in csv_rows(tmp_path)}
     for method, pairs in (("random", 10), ("herding", 20)):
         values = [
@@ -91,7 +92,7 @@ def test_no_results_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no readable results.json")
     with pytest.raises(UserError, match="not a folder"):
-        tables.main([str(tmp_path / "missing")])
+        table([str(tmp_path / "missing")])
 
 
 def test_corrupt_files_are_skipped_one_line_each(
@@ -107,7 +108,7 @@ def test_corrupt_files_are_skipped_one_line_each(
     del data["students"][0]["IR@5"]
     nan_metric.write_text(json.dumps(data))
     (tmp_path / "nothing").mkdir()
-    tables.main([str(runs), str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
+    table([str(runs), str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.splitlines()
     skipped = [line for line in err if line.startswith("skipped")]
     assert len(skipped) == 3
@@ -130,7 +131,7 @@ def test_mixed_protocols_stay_apart_with_a_warning(
     edit(path, protocol={**protocol, "steps": 30})
     other = runs / "herding-20-seed1" / "results.json"  # workers do not change the numbers
     edit(other, protocol={**json.loads(other.read_text())["protocol"], "workers": 2})
-    tables.main([str(runs), "--out", str(tmp_path / "out")])
+    table([str(runs), "--out", str(tmp_path / "out")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "differ" in line]
     assert len(warnings) == 1 and "eval.steps" in warnings[0] and "30" in warnings[0]
     rows = csv_rows(tmp_path / "out")
@@ -191,12 +192,12 @@ def test_ratio_budgets_and_duplicate_seeds(tmp_path: Path, capsys: pytest.Captur
 def test_into_replaces_only_its_generated_section(tmp_path: Path) -> None:
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nHand-written intro.\n")
-    tables.main([str(RUNS), "--out", str(tmp_path), "--into", str(doc), "--section", "f8k"])
+    table([str(RUNS), "--out", str(tmp_path), "--into", str(doc), "--section", "f8k"])
     first = doc.read_text()
     assert first.startswith("# Results\n\nHand-written intro.\n")
     assert first.count("BEGIN generated: f8k") == 1 and "### Retrieval recall" in first
     doc.write_text(first + "\nHand-written outro.\n")
-    tables.main([str(RUNS), "--out", str(tmp_path), "--into", str(doc), "--section", "f8k"])
+    table([str(RUNS), "--out", str(tmp_path), "--into", str(doc), "--section", "f8k"])
     again = doc.read_text()
     assert again == first + "\nHand-written outro.\n"  # replaced in place, nothing duplicated
 
@@ -206,7 +207,7 @@ def test_sets_smaller_than_their_budget_sit_in_the_budget_column(tmp_path: Path)
     runs = copy_runs(tmp_path)
     for seed in (0, 1):
         edit(runs / f"herding-20-seed{seed}" / "results.json", pairs=19)
-    tables.main([str(runs), "--out", str(tmp_path / "out")])
+    table([str(runs), "--out", str(tmp_path / "out")])
     rows = {(r["method"], r["budget"]) for r in csv_rows(tmp_path / "out")}
     md = (tmp_path / "out" / "table.md").read_text()
     assert any(m == "herding" and "20" in b for m, b in rows), rows
@@ -220,7 +221,7 @@ def test_rows_from_different_commits_get_a_warning(tmp_path: Path, capsys) -> No
     for i, folder in enumerate(sorted(p.parent for p in runs.rglob("results.json"))):
         sha = "a" * 40 if i % 2 else "b" * 40
         (folder / "meta.json").write_text(json.dumps({"git": {"sha": sha, "dirty": i == 2}}))
-    tables.main([str(runs), "--out", str(tmp_path / "out")])
+    table([str(runs), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if "commits" in x)
     assert "3 commits" in line and "aaaaaaa" in line and "bbbbbbb-dirty" in line
@@ -230,5 +231,5 @@ def test_one_commit_gives_no_commit_warning(tmp_path: Path, capsys) -> None:
     runs = copy_runs(tmp_path)
     for folder in {p.parent for p in runs.rglob("results.json")}:
         (folder / "meta.json").write_text(json.dumps({"git": {"sha": "c" * 40, "dirty": False}}))
-    tables.main([str(runs), "--out", str(tmp_path / "out")])
+    table([str(runs), "--out", str(tmp_path / "out")])
     assert "commits" not in capsys.readouterr().err

@@ -11,19 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mmdistill.cli import _register_resolvers, conf_dir
+from mmdistill.config import compose, conf_dir
 from mmdistill.errors import UserError
-from mmdistill.experts import ParamLayout, build_student
-from mmdistill.jobs import Prepared, prepare
+from mmdistill.jobs import Prepared, distill_context, prepare
 from mmdistill.methods import DistillContext, get_method
 from mmdistill.methods.trajectory import Synthetic, TrajectoryMatching, _Embed
-from mmdistill.pairs import PairSet
-from mmdistill.protocol import run_protocol, student_loss_name
 from mmdistill.runs import Run
-from mmdistill.similarity import build_similarity
+from mmdistill.training.experts import ParamLayout, build_student
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.protocol import run_protocol, student_loss_name
+from mmdistill.training.similarity import build_similarity
 
 SMALL = [
     "dataset.split_sizes=[40,20,20]",
@@ -53,9 +52,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(*overrides: str, small: bool = True) -> DictConfig:
-    _register_resolvers()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("distill", overrides=[*(SMALL if small else []), *overrides])
+    return compose("distill", [*(SMALL if small else []), *overrides])
 
 
 def context(run_dir: Path, cfg: DictConfig) -> DistillContext:
@@ -65,9 +62,7 @@ def context(run_dir: Path, cfg: DictConfig) -> DistillContext:
 def prepared_context(run_dir: Path, cfg: DictConfig) -> tuple[DistillContext, Prepared]:
     run = Run(run_dir, "distill", "cpu", 0)
     prep = prepare(cfg, "cpu", run, None)
-    ctx = DistillContext(
-        cfg, prep.encoder, prep.train, prep.val, int(cfg.budget.pairs), "cpu", 0, run
-    )
+    ctx = distill_context(cfg, prep, int(cfg.budget.pairs), "cpu", run, None)
     return ctx, prep
 
 
@@ -111,8 +106,9 @@ def _grads(
 def test_first_order_equals_unroll_for_one_step(tmp_path: Path, space: str) -> None:
     """With one inner step nothing is dropped: TESLA's gradient is MTT's, to rounding."""
     extra = FEATURE if space == "feature" else []
-    ctx = context(tmp_path, compose_cfg("method=lors", *extra))
-    method = TrajectoryMatching(ctx.cfg.method)
+    cfg = compose_cfg("method=lors", *extra)
+    ctx = context(tmp_path, cfg)
+    method = TrajectoryMatching(cfg.method)
     loss_u, unroll = _grads(ctx, method, "unroll", 6, 1)
     loss_f, first = _grads(ctx, method, "first_order", 6, 1)
     assert torch.allclose(loss_u, loss_f)
@@ -125,8 +121,9 @@ def test_first_order_equals_unroll_for_one_step(tmp_path: Path, space: str) -> N
 def test_first_order_tracks_unroll_over_several_steps(tmp_path: Path) -> None:
     """Over several steps TESLA drops terms of order step_size * Hessian: its gradient tends
     to the unrolled one as the step size shrinks, and differs from it at a large one."""
-    ctx = context(tmp_path, compose_cfg("method=lors", *FEATURE))
-    method = TrajectoryMatching(ctx.cfg.method)
+    cfg = compose_cfg("method=lors", *FEATURE)
+    ctx = context(tmp_path, cfg)
+    method = TrajectoryMatching(cfg.method)
 
     def cosines(step_size: float) -> dict[str, float]:
         _, unroll = _grads(ctx, method, "unroll", 8, 4, step_size)
@@ -171,8 +168,8 @@ def test_methods_produce_valid_sets(tmp_path: Path, name: str) -> None:
         assert not torch.allclose(learned, torch.eye(n))  # it trained
         assert back.similarity_args == {"kind": "lowrank", "n": n, "rank": 10, "alpha": 3.0}
         # The students train against it with the set's own loss.
-        assert student_loss_name(ctx.cfg.eval, back) == "wbce"
-        res = run_protocol(ctx.encoder, back, ctx.cfg.eval, ctx.val, None, "cpu", 0)
+        assert student_loss_name(ctx.eval, back) == "wbce"
+        res = run_protocol(ctx.encoder, back, ctx.eval, ctx.val, None, "cpu", 0)
         assert math.isfinite(res.summary["r_mean"]["mean"])
     else:
         assert back.similarity is None
@@ -184,7 +181,7 @@ def test_matching_loss_falls(tmp_path: Path) -> None:
     ctx = context(tmp_path / "run", cfg)
     method = get_method("mtt")(cfg.method)
     pairs = method.distill(ctx)
-    from mmdistill.experts import Buffer
+    from mmdistill.training.experts import Buffer
 
     buf = Buffer(Path(pairs.meta["buffer"]))
     student = build_student(ctx.encoder, 0, None).train()

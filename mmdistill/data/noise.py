@@ -8,10 +8,11 @@ own captions and the corrupted fraction is exact). Whole caption lists move, so 
 a corrupted image are mismatched and the other images keep all of theirs; val and test stay
 clean.
 
-The corrupted-pair mask is written into the run folder (`noise.safetensors`: `pair_clean` per
-training caption of the noisy split, `image_clean` per training image, `caption_source` = whose
-captions each image now holds; `noise.json`: the settings and counts), so methods that detect
-noisy pairs (MDW's dual-track experts) can be scored against it. The noisy training split gets a
+The corrupted-pair mask is returned with the data; the job writes it into the run folder
+(`noise.safetensors`: `pair_clean` per training caption of the noisy split, `image_clean` per
+training image, `caption_source` = whose captions each image now holds; `noise.json`: the
+settings and counts) and hands it to the method, so methods that detect noisy pairs (MDW's
+dual-track experts) are scored against it. The noisy training split gets a
 new pair fingerprint, so expert buffers keyed by it never mix clean and noisy data; its images
 and captions are the clean ones, so their cached features are shared with the clean split.
 """
@@ -46,17 +47,17 @@ class NoiseMask:
     info: dict
 
 
-def apply_noise(data: ImageTextSet, cfg: DictConfig, run_dir: Path) -> ImageTextSet:
-    """Return the dataset with its training pairs corrupted as `cfg` (the noise group) says."""
+def apply_noise(data: ImageTextSet, cfg: DictConfig) -> tuple[ImageTextSet, NoiseMask | None]:
+    """The dataset with its training pairs corrupted as `cfg` (the noise group) says, and the
+    mask of what was corrupted (None for clean data); the job saves the mask in its run folder."""
     name = str(cfg.name)
     if name == "none":
-        return data
+        return data, None
     if name != "shuffle":
         raise UserError(f"unknown noise {name!r}; choose one of: {', '.join(NOISES)}")
     ratio, seed = _check(data, cfg)
     train, mask = shuffle_captions(data.train, ratio, seed)
-    save_mask(Path(run_dir), mask)
-    return ImageTextSet(name=data.name, train=train, val=data.val, test=data.test)
+    return ImageTextSet(name=data.name, train=train, val=data.val, test=data.test), mask
 
 
 def _check(data: ImageTextSet, cfg: DictConfig) -> tuple[float, int]:

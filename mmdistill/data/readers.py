@@ -21,7 +21,6 @@ from typing import Any
 import datasets
 from omegaconf import DictConfig, OmegaConf
 
-from mmdistill.data import READERS
 from mmdistill.data.base import (
     FEATURES,
     SPLITS,
@@ -214,7 +213,6 @@ def _split_sizes(cfg: DictConfig, default: Sequence[int]) -> list[int | None]:
     return sizes
 
 
-@READERS.register("flickr8k")
 def read_flickr8k(cfg: DictConfig) -> ImageTextSet:
     """Flickr8k-style folder: `captions.txt` (`image,caption` CSV) + `images/`."""
     root = _flickr8k_root(cfg)
@@ -235,7 +233,6 @@ def read_flickr8k(cfg: DictConfig) -> ImageTextSet:
 # --------------------------------------------------------------------------- karpathy
 
 
-@READERS.register("karpathy")
 def read_karpathy(cfg: DictConfig) -> ImageTextSet:
     """Karpathy split files (dataset_flickr30k.json / dataset_coco.json): the papers' splits."""
     ann_path = _path(_required(cfg, "annotations", "karpathy", "/path/to/dataset_flickr30k.json"))
@@ -304,7 +301,6 @@ def _read_coco_file(path: Path, key: str, max_captions: int | None) -> dict[str,
     return {f: _cap(groups[f], max_captions) for f in sorted(groups)}
 
 
-@READERS.register("coco")
 def read_coco(cfg: DictConfig) -> ImageTextSet:
     """Official COCO captions files; without a test file, carve test from val by file name."""
     max_caps = _max_captions(cfg)
@@ -477,7 +473,6 @@ def _hf_split(cfg: DictConfig, name: str, hub_split: str) -> ImageTextSplit:
     )
 
 
-@READERS.register("hf")
 def read_hf(cfg: DictConfig) -> ImageTextSet:
     """Any dataset with an image column and a caption column, from the hub or a local save."""
     names = _hf_split_names(cfg)

@@ -12,7 +12,6 @@ import random
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from mmdistill.data import READERS
 from mmdistill.data.base import ImageTextSet, split_from_records
 
 COLOURS = {
@@ -109,7 +108,6 @@ def make_scene(rng: random.Random, n_px: int, k: int) -> tuple[Image.Image, list
     return img, _captions(objs, bg, rng, k)
 
 
-@READERS.register("shapes")
 def read_shapes(cfg: DictConfig) -> ImageTextSet:
     """Generate train/val/test scenes; the same seed always gives the same data."""
     splits = {}

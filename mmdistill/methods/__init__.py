@@ -1,15 +1,31 @@
-"""Distillation methods, registered by name (`method=<name>`); every module here registers."""
+"""Distillation methods by name (`method=<name>`), in the papers' order: coresets first, then
+distillation methods. Tables and scripts list methods from here."""
 
-import importlib
-import pkgutil
+from mmdistill.methods.base import DistillContext, Method
+from mmdistill.methods.coresets import Forgetting, Herding, KCenter, RandomPairs
+from mmdistill.methods.covmatch import CovMatch
+from mmdistill.methods.mdw import MDW
+from mmdistill.methods.trajectory import TrajectoryMatching
+from mmdistill.registry import Registry
 
-from mmdistill.methods.base import METHODS, DistillContext, Method
+METHODS: Registry = Registry(
+    "method",
+    {
+        "random": RandomPairs,
+        "herding": Herding,
+        "kcenter": KCenter,
+        "forgetting": Forgetting,
+        "mtt": TrajectoryMatching,
+        "mtt_lora": TrajectoryMatching,
+        "tesla": TrajectoryMatching,
+        "lors": TrajectoryMatching,
+        "covmatch": CovMatch,
+        "mdw": MDW,
+    },
+)
 
 
 def get_method(name: str) -> type[Method]:
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "base":
-            importlib.import_module(f"{__name__}.{mod.name}")
     return METHODS.get(name)
 
 

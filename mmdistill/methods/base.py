@@ -1,27 +1,28 @@
-"""The method interface and its registry.
+"""The method interface and the context a method distils in.
 
-A method turns the real training split into a PairSet of `budget` pairs. It reads everything
-it needs from a `DistillContext`, and checkpoints through `ctx.run` so a killed run resumes.
+A method turns the real training split into a PairSet of `pairs` pairs. It gets its own
+settings (`cfg.method`) when it is built, and everything else it may use from a
+`DistillContext`; it checkpoints through `ctx.run` so a killed run resumes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from omegaconf import DictConfig
 from rich.progress import Progress
 
-from mmdistill.data.features import RealSplit
+from mmdistill.data.noise import NoiseMask
 from mmdistill.models.encoders import Encoder
-from mmdistill.pairs import PairSet
-from mmdistill.registry import Registry
 from mmdistill.runs import Run
+from mmdistill.training.features import RealSplit
+from mmdistill.training.pairs import PairSet
 
 
 @dataclass
 class DistillContext:
-    cfg: DictConfig  # the whole job config (method settings are cfg.method)
     encoder: Encoder
     train: RealSplit
     val: RealSplit
@@ -30,12 +31,15 @@ class DistillContext:
     seed: int
     run: Run
     progress: Progress | None = None
+    dataset: str = ""  # the dataset's name (expert-buffer keys, metadata)
+    noise: DictConfig | None = None  # the noise settings (part of expert-buffer keys)
+    noise_mask: NoiseMask | None = None  # the true clean pairs, when noise was injected
+    eval: DictConfig | None = None  # the evaluation recipe (val students, online students)
+    expert: DictConfig | None = None  # expert settings (trajectory methods)
+    cache_dir: Path = Path("~/.cache/mmdistill").expanduser()  # feature and buffer cache
 
 
 class Method(Protocol):
     def __init__(self, cfg: DictConfig) -> None: ...
 
     def distill(self, ctx: DistillContext) -> PairSet: ...
-
-
-METHODS: Registry = Registry("method")

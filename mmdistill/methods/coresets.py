@@ -18,11 +18,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from mmdistill.errors import UserError
-from mmdistill.losses import LOSSES
-from mmdistill.methods.base import METHODS, DistillContext
+from mmdistill.methods.base import DistillContext
 from mmdistill.models.encoders import Tokens
-from mmdistill.pairs import PairSet
-from mmdistill.protocol import make_optimizer
+from mmdistill.training.losses import LOSSES
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.protocol import make_optimizer
 
 log = logging.getLogger(__name__)
 PROVENANCE = "our re-run (no public implementation of this multimodal coreset exists)"
@@ -71,7 +71,6 @@ def joint_features(ctx: DistillContext, batch: int = 256) -> Tensor:
     return torch.cat([F.normalize(img, dim=-1)[train.caption_image], F.normalize(txt, dim=-1)], 1)
 
 
-@METHODS.register("random")
 class RandomPairs:
     """Uniformly sampled real pairs: the floor every method must beat."""
 
@@ -117,7 +116,6 @@ def kcenter(x: Tensor, k: int, first: int) -> Tensor:
     return torch.tensor(out)
 
 
-@METHODS.register("herding")
 class Herding:
     """Real pairs whose running mean tracks the full data's mean in the joint feature space."""
 
@@ -129,7 +127,6 @@ class Herding:
         return _selected(ctx, idx, "herding")
 
 
-@METHODS.register("kcenter")
 class KCenter:
     """Greedy k-center cover of the joint feature space.
 
@@ -173,7 +170,7 @@ def forgetting_counts(ctx: DistillContext, epochs: int, batch: int) -> tuple[Ten
     real = ctx.train.pairset()
     n = len(real)
     student = ctx.encoder.new_student(ctx.seed).to(ctx.device)
-    opt = make_optimizer(student, ctx.cfg.eval, real)
+    opt = make_optimizer(student, ctx.eval, real)
     loss_fn = LOSSES.get("infonce")
     gen = _gen(ctx.seed)
     prev = torch.zeros(n, dtype=torch.bool)
@@ -201,7 +198,6 @@ def forgetting_counts(ctx: DistillContext, epochs: int, batch: int) -> tuple[Ten
     return events, learned
 
 
-@METHODS.register("forgetting")
 class Forgetting:
     """The most-forgotten real pairs while a student trains on the full data."""
 

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from mmdistill.data.features import RealSplit
 from mmdistill.errors import UserError
-from mmdistill.losses import LOSSES
-from mmdistill.methods.base import METHODS, DistillContext
+from mmdistill.methods.base import DistillContext
 from mmdistill.models.encoders import Encoder, Tokens
 from mmdistill.models.student import Student
-from mmdistill.pairs import PairSet
-from mmdistill.protocol import make_optimizer
+from mmdistill.training.features import RealSplit
+from mmdistill.training.losses import LOSSES
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.protocol import make_optimizer
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "covmatch"
@@ -123,7 +123,6 @@ def budget_settings(cfg: DictConfig, pairs: int) -> dict[str, object]:
     return {k: row[k] if str(cfg[k]) == "auto" else cfg[k] for k in PER_BUDGET}
 
 
-@METHODS.register("covmatch")
 class CovMatch:
     """Synthetic pairs whose trunk-feature cross-covariance matches rho times the real one."""
 

@@ -27,7 +27,7 @@ step sizes), subclassed; the settings not listed here are TESLA's (conf/method/m
   and the image gradient becomes (map_gamma + W_i) * grad before the optimiser step. In
   feature space there is no spatial map and the term is off (recorded in the set's meta).
 * `dual_track` - the experts are trained by dual-track collaborative learning
-  (`mmdistill.robust`: cross-fitted two-track GMM split of per-pair losses, co-teaching,
+  (`mdw_dual_track`: cross-fitted two-track GMM split of per-pair losses, co-teaching,
   complementary contrastive loss), cached under their own buffer key, and report clean-pair
   detection precision / recall against the run's noise mask (`noise.safetensors`); the scores
   go to the run folder (`detection.json`, meta.json) and the set's meta. Off: ordinary experts
@@ -42,8 +42,6 @@ import copy
 import logging
 import math
 import os
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,13 +50,13 @@ from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
 from mmdistill import io
-from mmdistill.data.noise import load_mask
 from mmdistill.errors import UserError
-from mmdistill.methods.base import METHODS, DistillContext
+from mmdistill.methods.base import DistillContext
+from mmdistill.methods.mdw_dual_track import DualTrackSettings, find_or_build_robust_buffer
 from mmdistill.methods.trajectory import Synthetic, TrajectoryMatching
 from mmdistill.models.student import SpatialMap
-from mmdistill.pairs import PairSet
-from mmdistill.robust import DualTrackSettings, find_or_build_robust_buffer, robust_noise_cfg
+from mmdistill.training.experts import Buffer
+from mmdistill.training.pairs import PairSet
 
 log = logging.getLogger(__name__)
 BUDGETS = ("storage", "one_pair", "none")
@@ -67,7 +65,6 @@ BUDGETS = ("storage", "one_pair", "none")
 MATRIX_COPIES = 6
 
 
-@METHODS.register("mdw")
 class MDW(TrajectoryMatching):
     """TESLA + soft correspondence P + correspondence maps + dual-track experts."""
 
@@ -92,6 +89,7 @@ class MDW(TrajectoryMatching):
         self.map_every = max(1, int(cfg.map_every))
         self._pair_floats = 1
         self._clean: Tensor | None = None
+        self._robust: Buffer | None = None  # the dual-track experts, once built
         self._cam_student: nn.Module | None = None
         self._weights: Tensor | None = None
         self._calls = 0
@@ -156,6 +154,10 @@ class MDW(TrajectoryMatching):
                 syn.similarity.matrix.add_(eps * (1 - torch.eye(n, device=ctx.device)))
         return syn
 
+    def _buffer(self, ctx: DistillContext) -> Buffer:
+        """The dual-track experts when `dual_track` is on, else the ordinary buffer."""
+        return self._robust if self._robust is not None else super()._buffer(ctx)
+
     # ------------------------------------------------------------- correspondence maps
 
     def grad_unroll(self, embed, layout, syn: Synthetic, start, target, batches) -> Tensor:
@@ -219,19 +221,19 @@ class MDW(TrajectoryMatching):
             pairs = super().distill(ctx)
         else:
             dual = DualTrackSettings.from_cfg(self.cfg.dual)
-            mask = load_mask(ctx.run.path)
+            mask = ctx.noise_mask
             true_clean = None
             if mask is not None and len(mask.pair_clean) == ctx.train.n_pairs:
                 true_clean = mask.pair_clean
             rb = find_or_build_robust_buffer(
-                ctx.cfg.expert,
+                ctx.expert,
                 dual,
                 ctx.encoder,
                 ctx.train,
                 ctx.val,
-                str(ctx.cfg.dataset.name),
-                ctx.cfg.noise,
-                Path(str(ctx.cfg.paths.cache_dir)).expanduser(),
+                ctx.dataset,
+                ctx.noise,
+                ctx.cache_dir,
                 ctx.device,
                 true_clean,
                 say=log.info,
@@ -251,10 +253,8 @@ class MDW(TrajectoryMatching):
                 ", ".join(f"{k} {v:.3f}" for k, v in rb.scores.items()),
             )
             info["detection"] = rb.scores
-            robust = ctx.cfg.copy()
-            with open_dict(robust):
-                robust.noise = robust_noise_cfg(ctx.cfg.noise, dual)
-            pairs = super().distill(replace(ctx, cfg=robust))
+            self._robust = rb.buffer
+            pairs = super().distill(ctx)
         pairs.meta["mdw"] = info
         return pairs
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,16 +39,16 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmdistill.errors import UserError
-from mmdistill.experts import Buffer, ParamLayout, build_student, find_or_build_buffer
-from mmdistill.losses import LOSSES
-from mmdistill.methods.base import METHODS, DistillContext
-from mmdistill.methods.lora import LoraSettings
+from mmdistill.methods.base import DistillContext
+from mmdistill.models.lora import LoraSettings
 from mmdistill.models.student import Student
-from mmdistill.pairs import PairSet
-from mmdistill.protocol import run_protocol
-from mmdistill.retrieval import NonFiniteEmbeddings
 from mmdistill.runs import Run
-from mmdistill.similarity import build_similarity
+from mmdistill.training.experts import Buffer, ParamLayout, build_student, find_or_build_buffer
+from mmdistill.training.losses import LOSSES
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.protocol import run_protocol
+from mmdistill.training.retrieval import NonFiniteEmbeddings
+from mmdistill.training.similarity import build_similarity
 
 log = logging.getLogger(__name__)
 GRADIENTS = ("unroll", "first_order")
@@ -188,7 +187,6 @@ def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-@METHODS.register("mtt", "mtt_lora", "tesla", "lors")
 class TrajectoryMatching:
     """MTT-VL / TESLA / LoRS; which one is config (gradient, similarity, student_loss)."""
 
@@ -361,15 +359,32 @@ class TrajectoryMatching:
     def _check(self, ctx: DistillContext, n: int) -> None:
         if n < 2:
             raise UserError(f"{self.name} needs at least 2 synthetic pairs; raise budget.pairs")
-        if "expert" not in ctx.cfg:
+        if ctx.expert is None:
             raise UserError(f"{self.name} needs the expert settings (conf/expert); compose them")
         need = self.max_start_epoch - 1 + self.expert_epochs
-        if int(ctx.cfg.expert.epochs) < need:
+        if int(ctx.expert.epochs) < need:
             raise UserError(
-                f"expert.epochs={ctx.cfg.expert.epochs} but max_start_epoch "
+                f"expert.epochs={ctx.expert.epochs} but max_start_epoch "
                 f"{self.max_start_epoch} + expert_epochs {self.expert_epochs} need {need}; "
                 "raise expert.epochs or lower method.max_start_epoch"
             )
+
+    def _buffer(self, ctx: DistillContext) -> Buffer:
+        """The expert trajectories to match: the cached buffer for this data, encoder and
+        expert settings, its missing experts trained first (MDW supplies its own)."""
+        return find_or_build_buffer(
+            ctx.expert,
+            ctx.encoder,
+            ctx.train,
+            ctx.val,
+            ctx.dataset,
+            ctx.noise,
+            ctx.cache_dir,
+            ctx.device,
+            explicit=self.cfg.get("buffer"),
+            say=log.info,
+            progress=ctx.progress,
+        )
 
     def _synthetic(self, ctx: DistillContext, n: int) -> Synthetic:
         images, texts, mask = self._init_data(ctx, n)
@@ -437,20 +452,8 @@ class TrajectoryMatching:
         cfg = self.cfg
         n = self.budget(ctx.pairs)
         self._check(ctx, n)
-        self.lora = LoraSettings.from_cfg(ctx.cfg.expert)
-        buf = find_or_build_buffer(
-            ctx.cfg.expert,
-            ctx.encoder,
-            ctx.train,
-            ctx.val,
-            str(ctx.cfg.dataset.name),
-            ctx.cfg.noise,
-            Path(str(ctx.cfg.paths.cache_dir)),
-            ctx.device,
-            explicit=cfg.get("buffer"),
-            say=log.info,
-            progress=ctx.progress,
-        )
+        self.lora = LoraSettings.from_cfg(ctx.expert)
+        buf = self._buffer(ctx)
         student = build_student(ctx.encoder, ctx.seed, self.lora).to(ctx.device).train()
         layout = ParamLayout.of(student)
         scale = cfg.get("inner_logit_scale")
@@ -458,7 +461,7 @@ class TrajectoryMatching:
         syn = self._synthetic(ctx, n)
         loop = _Loop(
             buffer=buf,
-            experts=self._experts(buf, layout, int(ctx.cfg.expert.num_experts)),
+            experts=self._experts(buf, layout, int(ctx.expert.num_experts)),
             embed=_Embed(student),
             layout=layout,
             syn=syn,
@@ -474,7 +477,7 @@ class TrajectoryMatching:
                 "similarity_counted_in_budget": n != ctx.pairs,
                 "buffer": str(buf.path),
                 "buffer_key": buf.key,
-                "experts": int(ctx.cfg.expert.num_experts),
+                "experts": int(ctx.expert.num_experts),
                 "lora": None if self.lora is None else self.lora.as_dict(),
                 "matched_parameters": layout.numel,
             },
@@ -540,7 +543,7 @@ class TrajectoryMatching:
         """Mean val r_mean of a few students trained on the current set: the protocol's own
         students (parallel on CPU), on val, with fixed seeds 10,000,000 + k."""
         eval_cfg = OmegaConf.merge(
-            ctx.cfg.eval, {"selection": "final", "students": int(self.cfg.val_students)}
+            ctx.eval, {"selection": "final", "students": int(self.cfg.val_students)}
         )
         try:
             res = run_protocol(

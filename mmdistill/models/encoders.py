@@ -23,11 +23,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from mmdistill.models.student import Student, TextTrunk, make_head
-from mmdistill.registry import Registry
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
-
-ENCODERS: Registry = Registry("encoder")
 
 
 @functools.cache
@@ -206,16 +203,6 @@ class Encoder:
         return self.text_trunk(tokens.ids, tokens.mask)
 
 
-def build_encoder(cfg: DictConfig) -> Encoder:
-    """Build the encoder an `encoder/*.yaml` config names (its `builder` key)."""
-    _import_builders()
-    return ENCODERS.get(cfg.builder)(cfg)
-
-
-def _import_builders() -> None:
-    from mmdistill.models import pretrained  # noqa: F401  (registration side effect)
-
-
 def clip_preprocess(
     size: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Callable[[Image.Image], Tensor]:
@@ -270,7 +257,6 @@ def quiet_open_clip() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-@ENCODERS.register("open_clip_scratch")
 def build_open_clip_scratch(cfg: DictConfig) -> Encoder:
     """A small open_clip model from a config file, random init: the pixel-space path."""
 

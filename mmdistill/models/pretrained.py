@@ -38,7 +38,6 @@ from mmdistill.models import lite0
 from mmdistill.models.encoders import (
     CLIP_MEAN,
     CLIP_STD,
-    ENCODERS,
     MODEL_CONFIGS,
     Encoder,
     OpenClipTextTrunk,
@@ -257,7 +256,6 @@ def _model_config(name: str) -> dict:
 # ---------------------------------------------------------------------------------- builders
 
 
-@ENCODERS.register("timm_hf")
 def build_timm_hf(cfg: DictConfig) -> Encoder:
     """timm image trunk + Hugging Face text trunk from an open_clip model config."""
     base = _model_config(cfg.model_config)
@@ -292,7 +290,6 @@ def build_timm_hf(cfg: DictConfig) -> Encoder:
     return Encoder(cfg, make_trunks, clip_preprocess(int(cfg.image_size), mean, std), tokenize)
 
 
-@ENCODERS.register("open_clip_pretrained")
 def build_open_clip_pretrained(cfg: DictConfig) -> Encoder:
     """A named open_clip CLIP; `weights` is an open_clip tag (downloads), a file, or null."""
     weights = cfg.get("weights") or None

@@ -19,13 +19,13 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from mmdistill.data.features import RealSplit
 from mmdistill.errors import UserError
-from mmdistill.losses import LOSSES
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.student import Student
-from mmdistill.pairs import PairSet
-from mmdistill.retrieval import METRICS, NonFiniteEmbeddings, recall_at_k
+from mmdistill.training.features import RealSplit
+from mmdistill.training.losses import LOSSES
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.retrieval import METRICS, NonFiniteEmbeddings, recall_at_k
 
 log = logging.getLogger(__name__)
 SELECTIONS = ("final", "best_val", "best_test")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mmdistill import io
 from mmdistill.errors import UserError
-from mmdistill.similarity import build_similarity
+from mmdistill.training.similarity import build_similarity
 
 FORMAT_VERSION = 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from mmdistill.retrieval import METRICS
+from mmdistill.training.retrieval import METRICS
 
 COLUMNS = (*METRICS, "r_mean")
 

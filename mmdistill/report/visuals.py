@@ -14,35 +14,30 @@ the training split from the run's saved config (features come from the cache).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
 from mmdistill import io
+from mmdistill.config import run_config
+from mmdistill.data import build_dataset
 from mmdistill.data.base import ImageTextSplit
-from mmdistill.data.features import RealSplit
+from mmdistill.data.noise import apply_noise
 from mmdistill.errors import UserError
 from mmdistill.models.encoders import CLIP_MEAN, CLIP_STD, Encoder
-from mmdistill.pairs import PairSet
+from mmdistill.models.factory import build_encoder
+from mmdistill.training.features import RealSplit, real_split
+from mmdistill.training.pairs import PairSet
 
 THUMB = 96  # pixels per nearest-image thumbnail
 MIN_TILE = 64  # distilled images smaller than this are shown enlarged by an integer factor
-
-
-def load_config(run_dir: Path) -> DictConfig:
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"{run_dir} has no .hydra/config.yaml; point export at a run folder")
-    return OmegaConf.load(saved)
 
 
 def image_grid(images: Tensor, nrow: int, pad: int = 2) -> Image.Image:
@@ -108,12 +103,7 @@ def _real_train(
     cfg: DictConfig, run_dir: Path, device: str
 ) -> tuple[Encoder, RealSplit, ImageTextSplit]:
     """Rebuild the run's training split (noise included) the way the distill job read it."""
-    from mmdistill.data import build_dataset
-    from mmdistill.data.features import real_split
-    from mmdistill.data.noise import apply_noise
-    from mmdistill.models.encoders import build_encoder
-
-    data = apply_noise(build_dataset(cfg.dataset), cfg.noise, run_dir)
+    data, _ = apply_noise(build_dataset(cfg.dataset), cfg.noise)
     encoder = build_encoder(cfg.encoder)
     train = real_split(encoder, data.split("train"), data.name, Path(cfg.paths.cache_dir), device)
     return encoder, train, data.split("train")
@@ -135,7 +125,7 @@ def export_run(
     run_dir = Path(run_dir)
     out = Path(out or run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = cfg if cfg is not None else load_config(run_dir)
+    cfg = cfg if cfg is not None else run_config(run_dir)
     if pairs is None:
         if not (run_dir / "distilled.safetensors").is_file():
             raise UserError(
@@ -147,8 +137,6 @@ def export_run(
     if train is None:
         encoder, train, train_images = _real_train(cfg, run_dir, device)
     elif encoder is None and not (pairs.texts.is_floating_point() and pairs.texts.dim() == 2):
-        from mmdistill.models.encoders import build_encoder
-
         encoder = build_encoder(cfg.encoder)  # token-space texts are compared as embeddings
     written = []
     images = pairs.images[:max_images].detach().cpu()
@@ -176,8 +164,6 @@ def _nearest_images(
     k: int,
 ) -> list[Path]:
     if train_images is None:
-        from mmdistill.data import build_dataset
-
         train_images = build_dataset(cfg.dataset).split("train")
     sims, idx = nearest(features, train.images, k)
     tiles, lines = [], []
@@ -226,26 +212,3 @@ def _heatmap(pairs: PairSet, out: Path, limit: int) -> Path:
     fig.savefig(out / "similarity.png", dpi=120)
     plt.close(fig)
     return out / "similarity.png"
-
-
-def main(args: list[str]) -> None:
-    ap = argparse.ArgumentParser(
-        prog="mmdistill export",
-        description="Image grid, nearest real captions and similarity heat-map of a distill run.",
-    )
-    ap.add_argument("run", type=Path, help="a distill run folder")
-    ap.add_argument("--out", type=Path, help="where to write (default: the run folder)")
-    ap.add_argument("--max", type=int, default=64, help="images in the grid (default 64)")
-    ap.add_argument("--neighbours", type=int, default=3, help="real images per feature row")
-    ap.add_argument("--device", default="cpu", help="for encoding uncached features")
-    ns = ap.parse_args(args)
-    if not ns.run.is_dir():
-        raise UserError(f"{ns.run} is not a folder; give a distill run folder")
-    from mmdistill.cli import _register_resolvers
-
-    _register_resolvers()
-    files = export_run(
-        ns.run, out=ns.out, max_images=ns.max, neighbours=ns.neighbours, device=ns.device
-    )
-    for f in files:
-        print(f, file=sys.stderr)

@@ -31,7 +31,7 @@ pairs. Only the abstract and a review are public; this is our reading, every kno
   snapshot after every epoch. Trajectories start where evaluation students start (random
   heads), so a matched segment is robust training from scratch, not a warmed-up model.
 
-The experts live in an ordinary `mmdistill.experts.Buffer` whose key hashes the noise node
+The experts live in an ordinary `mmdistill.training.experts.Buffer` whose key hashes the noise node
 extended with these settings (`robust_noise_cfg`), next to `detection.safetensors` (both
 tracks' clean probabilities) and `detection.json` (per-round scores, the final clean set's).
 """
@@ -51,9 +51,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from mmdistill import io
-from mmdistill.data.features import RealSplit
 from mmdistill.errors import UserError
-from mmdistill.experts import (
+from mmdistill.models.encoders import Encoder
+from mmdistill.models.student import Student
+from mmdistill.training.experts import (
     Buffer,
     ExpertSettings,
     ParamLayout,
@@ -61,9 +62,8 @@ from mmdistill.experts import (
     buffer_key,
     train_expert,
 )
-from mmdistill.models.encoders import Encoder
-from mmdistill.models.student import Student
-from mmdistill.protocol import make_optimizer
+from mmdistill.training.features import RealSplit
+from mmdistill.training.protocol import make_optimizer
 
 log = logging.getLogger(__name__)
 ROBUST_VERSION = 1

@@ -22,7 +22,7 @@ from torch import Tensor
 from mmdistill import io
 from mmdistill.data.base import ImageTextSplit
 from mmdistill.models.encoders import Encoder
-from mmdistill.pairs import PairSet
+from mmdistill.training.pairs import PairSet
 
 log = logging.getLogger(__name__)
 # Bumped when the way features are computed changes, so stale caches are never read.

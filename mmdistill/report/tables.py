@@ -10,13 +10,11 @@ and prints one rich table per budget. Unreadable files are skipped with one line
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io as stdio
 import json
 import math
 import re
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -633,27 +631,3 @@ def update_section(doc: Path, name: str, text: str) -> None:
     else:
         new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
     io.write_text(doc, new)
-
-
-def main(args: list[str]) -> None:
-    ap = argparse.ArgumentParser(
-        prog="mmdistill table",
-        description="Aggregate results.json files below the folders into paper-layout tables.",
-    )
-    ap.add_argument("folders", nargs="+", type=Path, help="sweep or run folders (searched deeply)")
-    ap.add_argument("--out", type=Path, help="where to write the tables (default: first folder)")
-    ap.add_argument(
-        "--into", type=Path, help="also put the Markdown table into this document (a section)"
-    )
-    ap.add_argument("--section", default="results", help="the section's name for --into")
-    ns = ap.parse_args(args)
-    results, problems = collect(ns.folders)
-    table = build(results, problems)
-    for line in table.warnings:
-        print(line, file=sys.stderr)
-    print_rich(table)
-    files = write(table, ns.out or ns.folders[0])
-    if ns.into:
-        update_section(ns.into, ns.section, markdown(table, heading="###"))
-        files.append(ns.into)
-    print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)

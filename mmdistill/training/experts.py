@@ -31,13 +31,13 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from mmdistill import io
-from mmdistill.data.features import RealSplit
 from mmdistill.errors import UserError
-from mmdistill.losses import infonce
-from mmdistill.methods.lora import LoraSettings, lora_student
 from mmdistill.models.encoders import Encoder
+from mmdistill.models.lora import LoraSettings, lora_student
 from mmdistill.models.student import Student
-from mmdistill.protocol import evaluate
+from mmdistill.training.features import RealSplit
+from mmdistill.training.losses import infonce
+from mmdistill.training.protocol import evaluate
 
 log = logging.getLogger(__name__)
 # Bumped when expert training changes, so buffers from older code are rebuilt, not reused.
@@ -234,7 +234,7 @@ def train_expert(
     """Train expert `index`; returns its trajectory `[epochs + 1, P]`, layout and stats.
 
     `batch_loss(student, pair_indices)` replaces the symmetric InfoNCE of the batch (the
-    dual-track experts of `mmdistill.robust` pass theirs)."""
+    dual-track experts of `mmdistill.methods.mdw_dual_track` pass theirs)."""
     if batch_loss is None:
         pairs = train.pairset()
 
@@ -390,38 +390,3 @@ def find_or_build_buffer(
     if not missing:
         say(f"using expert buffer {path} ({len(wanted)} experts)")
     return buf
-
-
-def buffer_job(cfg: DictConfig, run_dir: Path, device: str) -> None:
-    """`mmdistill buffer`: train the experts (all, or `expert.index`) into the shared cache."""
-    from mmdistill.jobs import console, prepare, progress_bar
-    from mmdistill.runs import Run
-
-    run = Run(run_dir, "buffer", device, int(cfg.seed))
-    index = cfg.expert.get("index")
-    indices = None if index is None else [int(index)]
-    if indices is not None and not 0 <= indices[0]:
-        raise UserError(f"expert.index={index} must be >= 0")
-    with progress_bar() as progress:
-        prep = prepare(cfg, device, run, progress)
-        with run.timed("experts"):
-            buf = find_or_build_buffer(
-                cfg.expert,
-                prep.encoder,
-                prep.train,
-                prep.val,
-                cfg.dataset.name,
-                cfg.noise,
-                Path(cfg.paths.cache_dir),
-                device,
-                indices=indices,
-                say=console.print,
-                progress=progress,
-            )
-    wanted = indices if indices is not None else list(range(int(cfg.expert.num_experts)))
-    experts = [json.loads(buf.metadata(i).get("stats", "{}")) for i in wanted]
-    io.write_json(
-        run.path / "buffer.json", {"path": str(buf.path), "key": buf.key, "experts": experts}
-    )
-    run.set(buffer=str(buf.path), buffer_key=buf.key)
-    run.mark_done()

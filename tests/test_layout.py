@@ -1,0 +1,94 @@
+"""The package's floors: every module imports only from its own floor or the floors below it,
+and no import cycle exists, counting imports inside functions too (they hide knots)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mmdistill"
+# Lowest first. A module belongs to the floor of its longest matching prefix.
+FLOORS = {
+    "mmdistill": 0,  # core: errors, io, registry, config, console, runs, sweeps
+    "mmdistill.data": 1,
+    "mmdistill.models": 2,
+    "mmdistill.training": 3,
+    "mmdistill.methods": 4,
+    "mmdistill.report": 5,
+    "mmdistill.jobs": 6,
+    "mmdistill.cli": 7,
+}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def floor(module: str) -> int:
+    prefix = max((p for p in FLOORS if module == p or module.startswith(p + ".")), key=len)
+    return FLOORS[prefix]
+
+
+def imports(path: Path, name: str, known: dict[str, Path]) -> set[str]:
+    """Every mmdistill module `name` imports, wherever the import statement sits."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:  # `from pkg import submodule` imports the submodule
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in known else base)
+    return {m for m in found if m in known and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(path, name, known) for name, path in known.items()}
+
+
+def test_no_module_imports_from_a_higher_floor() -> None:
+    upward = [
+        f"{a} (floor {floor(a)}) imports {b} (floor {floor(b)})"
+        for a, deps in graph().items()
+        for b in deps
+        if floor(b) > floor(a)
+    ]
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_there_are_no_import_cycles() -> None:
+    g = graph()
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for dep in sorted(g[node]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join([*stack[stack.index(dep) :], dep]))
+            elif dep not in state:
+                visit(dep, [*stack, dep])
+        state[node] = "done"
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_checker_sees_function_level_imports_and_cycles(tmp_path: Path) -> None:
+    """The two checks above can fail: a hidden function-level import is found."""
+    (tmp_path / "a.py").write_text("def f():\n    from mmdistill.cli import main\n")
+    known = {"mmdistill.data.a": tmp_path / "a.py", "mmdistill.cli": PACKAGE / "cli.py"}
+    assert imports(tmp_path / "a.py", "mmdistill.data.a", known) == {"mmdistill.cli"}
+    assert floor("mmdistill.data.a") < floor("mmdistill.cli")
