@@ -15,6 +15,7 @@ from mmdistill.training import protocol
 from mmdistill.training.features import real_split
 from mmdistill.training.protocol import run_protocol, student_workers, train_student
 from mmdistill.training.retrieval import NonFiniteEmbeddings
+from mmdistill.training.trainer import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,8 +136,8 @@ def test_learned_image_lr_serves_both_branches(tmp_path: Path) -> None:
     pairs = train.pairset()
     pairs.step_sizes = {"image": 0.25, "text": 0.5}
     student = encoder.new_student(0)
-    per_branch = protocol.make_optimizer(student, eval_cfg(lr="learned"), pairs)
-    shared = protocol.make_optimizer(student, eval_cfg(lr="learned_image"), pairs)
+    per_branch = Recipe.from_cfg(eval_cfg(lr="learned")).optimizer_for(student, pairs)
+    shared = Recipe.from_cfg(eval_cfg(lr="learned_image")).optimizer_for(student, pairs)
     assert {g["name"]: g["lr"] for g in per_branch.param_groups} == {
         "image_head": 0.25,
         "text_head": 0.5,

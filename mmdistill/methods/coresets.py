@@ -20,9 +20,10 @@ from torch import Tensor
 from mmdistill.errors import UserError
 from mmdistill.methods.base import DistillContext
 from mmdistill.models.encoders import Tokens
+from mmdistill.models.student import Student
 from mmdistill.training.losses import LOSSES
 from mmdistill.training.pairs import PairSet
-from mmdistill.training.protocol import make_optimizer
+from mmdistill.training.trainer import Batches, Recipe, Trainer
 
 log = logging.getLogger(__name__)
 PROVENANCE = "our re-run (no public implementation of this multimodal coreset exists)"
@@ -170,30 +171,32 @@ def forgetting_counts(ctx: DistillContext, epochs: int, batch: int) -> tuple[Ten
     real = ctx.train.pairset()
     n = len(real)
     student = ctx.encoder.new_student(ctx.seed).to(ctx.device)
-    opt = make_optimizer(student, ctx.eval, real)
     loss_fn = LOSSES.get("infonce")
-    gen = _gen(ctx.seed)
     prev = torch.zeros(n, dtype=torch.bool)
     learned = torch.zeros(n, dtype=torch.bool)
     events = torch.zeros(n, dtype=torch.long)
     rows = ctx.train.caption_image
+
+    def batch_loss(student: Student, idx: Tensor) -> Tensor:
+        """The batch's InfoNCE, recording each pair's in-batch retrieval before the step."""
+        images, texts, mask, _ = real.batch(idx, ctx.device)
+        logits = student.logits(images, texts, mask)
+        ok = _retrieved(logits.detach(), rows[idx].to(ctx.device)).cpu()
+        events[idx] += (prev[idx] & ~ok).long()
+        prev[idx] = ok
+        learned[idx] |= ok
+        return loss_fn(logits)
+
+    recipe = Recipe.from_cfg(ctx.eval).without_schedule()
+    trainer = Trainer(student, recipe, batch_loss, pairs=real, what="forgetting student")
     task = ctx.progress.add_task("forgetting", total=epochs) if ctx.progress else None
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for s in range(0, n - batch + 1, batch):
-            idx = order[s : s + batch]
-            images, texts, mask, _ = real.batch(idx, ctx.device)
-            student.train()
-            logits = student.logits(images, texts, mask)
-            ok = _retrieved(logits.detach(), rows[idx].to(ctx.device)).cpu()
-            events[idx] += (prev[idx] & ~ok).long()
-            prev[idx] = ok
-            learned[idx] |= ok
-            opt.zero_grad(set_to_none=True)
-            loss_fn(logits).backward()
-            opt.step()
+
+    def advance(epoch: int) -> None:
         if task is not None:
             ctx.progress.advance(task)
+
+    batches = Batches(n, batch, _gen(ctx.seed), order="epoch", min_last=None)
+    trainer.run_epochs(batches, epochs, advance)
     events[~learned] = events.max() + 1
     return events, learned
 

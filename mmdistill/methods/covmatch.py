@@ -33,11 +33,9 @@ from torch import Tensor, nn
 from mmdistill.errors import UserError
 from mmdistill.methods.base import DistillContext
 from mmdistill.models.encoders import Encoder, Tokens
-from mmdistill.models.student import Student
 from mmdistill.training.features import RealSplit
-from mmdistill.training.losses import LOSSES
 from mmdistill.training.pairs import PairSet
-from mmdistill.training.protocol import make_optimizer
+from mmdistill.training.trainer import Batches, Recipe, Trainer, pair_loss
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "covmatch"
@@ -95,20 +93,6 @@ def covmatch_loss(
         for head, r, s in zip(heads, real, syn, strict=True)
     )
     return cov + lam * mean, {"cov": float(cov.detach()), "mean": float(mean.detach())}
-
-
-class RealBatches:
-    """Real pair indices, one shuffled pass at a time: no pair twice in a batch."""
-
-    def __init__(self, n: int, size: int, gen: torch.Generator) -> None:
-        self.n, self.size, self.gen = n, size, gen
-        self.order, self.pos = torch.randperm(n, generator=gen), 0
-
-    def next(self) -> Tensor:
-        if self.pos + self.size > self.n:
-            self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        self.pos += self.size
-        return self.order[self.pos - self.size : self.pos]
 
 
 def budget_settings(cfg: DictConfig, pairs: int) -> dict[str, object]:
@@ -188,8 +172,9 @@ class CovMatch:
             out["texts"] = train.texts[idx].float().clone()
         return out
 
-    def _online(self, ctx: DistillContext, round_idx: int, real: PairSet) -> tuple[Student, object]:
-        """A freshly reset online student with linear heads, and its optimizer."""
+    def _online(self, ctx: DistillContext, round_idx: int, real: PairSet) -> Trainer:
+        """A freshly reset online student with linear heads, trained by one ordinary
+        contrastive step on real pairs between synthetic updates."""
         enc = ctx.encoder
         seed = ctx.seed * 1_000_003 + round_idx + 1
         student = enc.new_student(seed if self.cfg.reset_to == "fresh" else ctx.seed)
@@ -198,7 +183,14 @@ class CovMatch:
         student.image_head = nn.Linear(enc.image_dim, dim)
         student.text_head = nn.Linear(enc.text_dim, dim)
         student.to(ctx.device)
-        return student, make_optimizer(student, self.cfg.online, real)
+        return Trainer(
+            student,
+            Recipe.from_cfg(self.cfg.online).without_schedule(),
+            pair_loss(real, "infonce", ctx.device),
+            pairs=real,
+            what="CovMatch's online student",
+            hint=f"lower method.online.lr (now {self.cfg.online.lr})",
+        )
 
     def _full_statistics(
         self, ctx: DistillContext
@@ -234,7 +226,7 @@ class CovMatch:
         gen = torch.Generator().manual_seed(ctx.seed)
         syn = self._init_synthetic(ctx, gen)
         real = ctx.train.pairset()
-        batches = RealBatches(len(real), min(int(self.cfg.real_batch), len(real)), gen)
+        batches = Batches(len(real), min(int(self.cfg.real_batch), len(real)), gen)
         start, history = 0, []
         saved = ctx.run.load_checkpoint(CHECKPOINT)
         if saved is not None:
@@ -261,7 +253,6 @@ class CovMatch:
         if saved is None:
             checkpoint(0)  # the initial set is the last good one until the first checkpoint
         real_cov, real_means = self._full_statistics(ctx)
-        loss_fn = LOSSES.get("infonce")
         reset_every, every = int(self.cfg.reset_every), int(self.cfg.checkpoint_every)
         log_every = int(self.cfg.log_every)
         task = (
@@ -269,11 +260,12 @@ class CovMatch:
             if ctx.progress
             else None
         )
-        student, online_opt = None, None
+        online: Trainer | None = None
         t0 = time.perf_counter()
         for step in range(start, steps):
-            if student is None or step % reset_every == 0:
-                student, online_opt = self._online(ctx, step // reset_every, real)
+            if online is None or step % reset_every == 0:
+                online = self._online(ctx, step // reset_every, real)
+            student = online.student
             # 1. Synthetic update against the current online student (no gradient to it).
             sidx = (
                 torch.arange(ctx.pairs)
@@ -306,16 +298,7 @@ class CovMatch:
             opt.step()
             opt.zero_grad(set_to_none=True)
             # 2. One ordinary contrastive step of the online student on the next real batch.
-            student.train()
-            online_loss = loss_fn(student.logits(*real.batch(batches.next(), ctx.device)[:3]))
-            if not torch.isfinite(online_loss):
-                raise UserError(
-                    f"CovMatch's online student diverged at step {step} (loss "
-                    f"{online_loss.item()}); lower method.online.lr (now {self.cfg.online.lr})"
-                )
-            online_opt.zero_grad(set_to_none=True)
-            online_loss.backward()
-            online_opt.step()
+            online_loss = online.step(batches.next())
             if step % log_every == 0 or step + 1 == steps:
                 row = {"step": step, "loss": loss.item(), **parts, "online": online_loss.item()}
                 history.append(row)
@@ -362,7 +345,7 @@ class CovMatch:
         source: Tensor,
         opt: torch.optim.Optimizer,
         gen: torch.Generator,
-        batches: RealBatches,
+        batches: Batches,
         history: list[dict],
     ) -> None:
         tensors = {
@@ -387,7 +370,7 @@ class CovMatch:
         saved: tuple[dict[str, Tensor], dict],
         syn: dict[str, Tensor],
         gen: torch.Generator,
-        batches: RealBatches,
+        batches: Batches,
     ) -> tuple[int, list[dict]]:
         """Load a checkpoint into `syn` and `gen`; refuse one from another setting."""
         tensors, state = saved

@@ -63,7 +63,7 @@ from mmdistill.training.experts import (
     train_expert,
 )
 from mmdistill.training.features import RealSplit
-from mmdistill.training.protocol import make_optimizer
+from mmdistill.training.trainer import Batches, BatchLoss, Recipe, Trainer
 
 log = logging.getLogger(__name__)
 ROBUST_VERSION = 1
@@ -187,30 +187,25 @@ def selected_infonce(logits: Tensor, keep: Tensor, ignore: Tensor | None = None)
     return per_pair_infonce(logits, ignore)[keep].mean()
 
 
-def _batch_loss(
-    student: Student,
-    train: RealSplit,
-    idx: Tensor,
-    keep: Tensor | None,
-    comp_weight: float,
-    device: str,
-) -> Tensor:
-    """InfoNCE on all pairs (keep None), or on the kept ones + complementary on all."""
-    images, texts, mask, _ = train.pairset().batch(idx, device)
-    ignore = _same_image_mask(train.caption_image[idx].to(device))
-    logits = student.logits(images, texts, mask)
-    if keep is None:
-        loss = per_pair_infonce(logits, ignore).mean()
-    else:
+def dual_track_loss(
+    train: RealSplit, keep: Tensor | None, comp_weight: float, device: str
+) -> BatchLoss:
+    """The trainer's batch loss: InfoNCE on all pairs (keep None), or on the kept ones plus the
+    complementary loss on all."""
+    pairs = train.pairset()
+
+    def batch_loss(student: Student, idx: Tensor) -> Tensor:
+        images, texts, mask, _ = pairs.batch(idx, device)
+        ignore = _same_image_mask(train.caption_image[idx].to(device))
+        logits = student.logits(images, texts, mask)
+        if keep is None:
+            return per_pair_infonce(logits, ignore).mean()
         loss = selected_infonce(logits, keep[idx].to(device), ignore)
         if comp_weight > 0:
             loss = loss + comp_weight * complementary_loss(logits, ignore)
-    if not torch.isfinite(loss):
-        raise UserError(
-            f"dual-track loss became {loss.item()}; lower expert.lr / method.dual.scorer_lr or "
-            "method.dual.comp_weight"
-        )
-    return loss
+        return loss
+
+    return batch_loss
 
 
 @torch.no_grad()
@@ -292,28 +287,27 @@ def _scorer_losses(
     gen: torch.Generator,
 ) -> Tensor:
     """Every pair's loss under a scorer trained on the other folds (cross-fitted)."""
-    recipe = OmegaConf.create(
-        {
-            "optimizer": "adamw",
-            "lr": dual.scorer_lr,
-            "trunk_lr": dual.scorer_trunk_lr,
-            "weight_decay": dual.scorer_weight_decay,
-            "momentum": 0.9,
-        }
+    recipe = Recipe(
+        optimizer="adamw",
+        lr=dual.scorer_lr,
+        trunk_lr=dual.scorer_trunk_lr,
+        weight_decay=dual.scorer_weight_decay,
     )
+    loss = dual_track_loss(train, keep, dual.comp_weight, device)
     losses = torch.empty(train.n_pairs)
     for f in range(dual.folds):
         fit = torch.nonzero(fold_of_pair != f).flatten()
         held = torch.nonzero(fold_of_pair == f).flatten()
         student = encoder.new_student(seed * 100 + f, feature_dropout=dual.scorer_dropout)
-        student = student.to(device).train()
-        opt = make_optimizer(student, recipe, train.pairset())
-        for _ in range(dual.scorer_steps):
-            idx = fit[torch.randperm(len(fit), generator=gen)[: dual.scorer_batch]]
-            loss = _batch_loss(student, train, idx, keep, dual.comp_weight, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        trainer = Trainer(
+            student.to(device).train(),
+            recipe,
+            loss,
+            what=f"dual-track scorer (fold {f})",
+            hint="lower method.dual.scorer_lr or method.dual.comp_weight",
+        )
+        batches = Batches(train.n_pairs, dual.scorer_batch, gen, order="fresh", pool=fit)
+        trainer.run(batches, dual.scorer_steps)
         losses[held] = heldout_losses(student, train, held, dual.eval_batch, device, gen)
     return losses
 
@@ -405,7 +399,7 @@ def train_robust_expert(
         index,
         device,
         on_epoch,
-        batch_loss=lambda student, idx: _batch_loss(student, train, idx, keep, comp_weight, device),
+        batch_loss=dual_track_loss(train, keep, comp_weight, device),
     )
 
 

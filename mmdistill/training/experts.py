@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmdistill import io
 from mmdistill.errors import UserError
@@ -36,8 +36,8 @@ from mmdistill.models.encoders import Encoder
 from mmdistill.models.lora import LoraSettings, lora_student
 from mmdistill.models.student import Student
 from mmdistill.training.features import RealSplit
-from mmdistill.training.losses import infonce
 from mmdistill.training.protocol import evaluate
+from mmdistill.training.trainer import Batches, BatchLoss, Recipe, Trainer, pair_loss
 
 log = logging.getLogger(__name__)
 # Bumped when expert training changes, so buffers from older code are rebuilt, not reused.
@@ -159,6 +159,11 @@ class ExpertSettings:
             lora=LoraSettings.from_cfg(cfg),
         )
 
+    @property
+    def recipe(self) -> Recipe:
+        """The papers' expert optimiser: plain SGD with momentum, one rate for every part."""
+        return Recipe(optimizer="sgd", lr=self.lr, trunk_lr=self.lr, momentum=self.momentum)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "epochs": self.epochs,
@@ -229,47 +234,33 @@ def train_expert(
     index: int,
     device: str,
     on_epoch: Callable[[int], None] | None = None,
-    batch_loss: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    batch_loss: BatchLoss | None = None,
 ) -> tuple[Tensor, ParamLayout, dict[str, Any]]:
     """Train expert `index`; returns its trajectory `[epochs + 1, P]`, layout and stats.
 
-    `batch_loss(student, pair_indices)` replaces the symmetric InfoNCE of the batch (the
-    dual-track experts of `mmdistill.methods.mdw_dual_track` pass theirs)."""
-    if batch_loss is None:
-        pairs = train.pairset()
-
-        def batch_loss(student: nn.Module, idx: Tensor) -> Tensor:
-            images, texts, mask, _ = pairs.batch(idx, device)
-            return infonce(student.logits(images, texts, mask))
-
+    `batch_loss(student, pair_indices)` replaces the symmetric InfoNCE of the batch (MDW's
+    dual-track experts pass theirs)."""
     seed = settings.seed + index
     student = build_student(encoder, seed, settings.lora).to(device).train()
     layout = ParamLayout.of(student)
-    params = dict(student.named_parameters())
-    opt = torch.optim.SGD(
-        [params[n] for n in layout.names], lr=settings.lr, momentum=settings.momentum
+    trainer = Trainer(
+        student,
+        settings.recipe,
+        batch_loss or pair_loss(train.pairset(), "infonce", device),
+        what=f"expert {index}",
+        hint=f"lower expert.lr (now {settings.lr})",
     )
     gen = torch.Generator().manual_seed(seed)
     snapshots = [layout.flatten(student).cpu()]
-    t0 = time.perf_counter()
-    for epoch in range(settings.epochs):
-        order = torch.randperm(train.n_pairs, generator=gen)
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            if len(idx) < 2:
-                continue
-            loss = batch_loss(student, idx)
-            if not torch.isfinite(loss):
-                raise UserError(
-                    f"expert {index} loss became {loss.item()} in epoch {epoch}; lower "
-                    f"expert.lr (now {settings.lr})"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def snapshot(epoch: int) -> None:
         snapshots.append(layout.flatten(student).cpu())
         if on_epoch:
-            on_epoch(epoch + 1)
+            on_epoch(epoch)
+
+    t0 = time.perf_counter()
+    batches = Batches(train.n_pairs, settings.batch_size, gen, order="epoch", min_last=2)
+    trainer.run_epochs(batches, settings.epochs, snapshot)
     stats: dict[str, Any] = {"index": index, "seed": seed, "seconds": time.perf_counter() - t0}
     if val is not None:
         stats["val_r_mean"] = evaluate(student, val, device)["r_mean"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import multiprocessing as mp
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from mmdistill.errors import UserError
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.student import Student
 from mmdistill.training.features import RealSplit
-from mmdistill.training.losses import LOSSES
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.retrieval import METRICS, NonFiniteEmbeddings, recall_at_k
+from mmdistill.training.trainer import Batches, Recipe, Trainer, pair_loss
 
 log = logging.getLogger(__name__)
 SELECTIONS = ("final", "best_val", "best_test")
@@ -53,61 +52,6 @@ def evaluate(student: Student, split: RealSplit, device: str) -> dict[str, float
     return recall_at_k(img, txt, split.caption_image)
 
 
-# eval.lr values that read the set's distilled step sizes: each branch its own (LoRS), or the
-# image step size for both branches (MTT-VL's evaluation).
-LEARNED = {"learned": None, "learned_image": "image"}
-
-
-def _param_groups(student: Student, cfg: DictConfig, pairs: PairSet) -> list[dict]:
-    """Heads and trunks per branch; 'learned' / 'learned_image' take the set's step sizes."""
-    learned = str(cfg.lr) in LEARNED
-    if learned and not pairs.step_sizes:
-        raise UserError(
-            f"eval.lr={cfg.lr} but this pair set has no learned step sizes; "
-            "use a number (eval.lr=1e-3)"
-        )
-    groups = []
-    for branch, modules in (
-        ("image", (student.image_trunk, student.image_head)),
-        ("text", (student.text_trunk, student.text_head)),
-    ):
-        for part, module in zip(("trunk", "head"), modules, strict=True):
-            if module is None:
-                continue
-            params = [p for p in module.parameters() if p.requires_grad]
-            if not params:
-                continue
-            if learned:
-                lr = float(pairs.step_sizes[LEARNED[str(cfg.lr)] or branch])
-            else:
-                lr = float(cfg.trunk_lr if part == "trunk" else cfg.lr)
-            groups.append({"params": params, "lr": lr, "name": f"{branch}_{part}"})
-    return groups
-
-
-def make_optimizer(student: Student, cfg: DictConfig, pairs: PairSet) -> torch.optim.Optimizer:
-    groups = _param_groups(student, cfg, pairs)
-    if cfg.optimizer == "adamw":
-        # The fused kernel is about 3x faster than the per-tensor loop on CPU's small heads.
-        fused = all(p.is_floating_point() for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, weight_decay=float(cfg.weight_decay), fused=fused)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, momentum=float(cfg.momentum), weight_decay=float(cfg.weight_decay)
-        )
-    raise UserError(f"unknown eval.optimizer {cfg.optimizer!r}; choose adamw or sgd")
-
-
-def _lr_factor(cfg: DictConfig, step: int, total: int) -> float:
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
-    if cfg.schedule == "multistep":  # the papers' x0.1 at the half-way point
-        return 0.1 if step >= total // 2 else 1.0
-    if cfg.schedule == "none":
-        return 1.0
-    raise UserError(f"unknown eval.schedule {cfg.schedule!r}; choose cosine, multistep or none")
-
-
 def student_loss_name(cfg: DictConfig, pairs: PairSet) -> str:
     return pairs.loss if cfg.loss == "auto" else str(cfg.loss)
 
@@ -127,44 +71,32 @@ def train_student(
         )
     student.to(device)
     gen = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(student, cfg, pairs)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    loss_fn = LOSSES.get(student_loss_name(cfg, pairs))
-    n, steps = len(pairs), int(cfg.steps)
-    batch = min(int(cfg.batch_size), n)
-    order, pos = torch.randperm(n, generator=gen), 0
+    steps = int(cfg.steps)
+    trainer = Trainer(
+        student,
+        Recipe.from_cfg(cfg),
+        pair_loss(pairs, student_loss_name(cfg, pairs), device),
+        total_steps=steps,
+        pairs=pairs,
+        hint=f"lower eval.lr (now {cfg.lr})",
+    )
     best, best_state, history = -1.0, None, []
-    for step in range(steps):
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos : pos + batch]
-        pos += batch
-        student.train()
-        images, texts, mask, targets = pairs.batch(idx, device)
-        loss = loss_fn(student.logits(images, texts, mask), targets)
-        if not torch.isfinite(loss):
-            raise UserError(
-                f"student loss became {loss.item()} at step {step}; lower eval.lr (now {cfg.lr})"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        factor = _lr_factor(cfg, step, steps)
-        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * factor
-        opt.step()
-        last = step + 1 == steps
-        if (
-            select_on is not None
-            and cfg.selection != "final"
-            and ((step + 1) % int(cfg.eval_every) == 0 or last)
-        ):
-            try:
-                r = evaluate(student, select_on, device)["r_mean"]
-            except NonFiniteEmbeddings:
-                r = None  # a diverged checkpoint is never selected
-            history.append({"step": step + 1, "r_mean": r})
-            if r is not None and r > best:
-                best, best_state = r, copy.deepcopy(student.state_dict())
+
+    def select(step: int) -> None:
+        nonlocal best, best_state
+        if select_on is None or cfg.selection == "final":
+            return
+        if step % int(cfg.eval_every) and step != steps:
+            return
+        try:
+            r = evaluate(student, select_on, device)["r_mean"]
+        except NonFiniteEmbeddings:
+            r = None  # a diverged checkpoint is never selected
+        history.append({"step": step, "r_mean": r})
+        if r is not None and r > best:
+            best, best_state = r, copy.deepcopy(student.state_dict())
+
+    trainer.run(Batches(len(pairs), min(int(cfg.batch_size), len(pairs)), gen), steps, select)
     if best_state is not None:
         student.load_state_dict(best_state)
     return student, {"history": history, "selected_r_mean": best if best_state else None}

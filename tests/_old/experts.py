@@ -1,0 +1,392 @@
+"""Expert trajectories (`mmdistill buffer`): what trajectory-matching methods imitate.
+
+An expert is a fresh student trained on the real training pairs with plain SGD (paper: lr 0.1,
+batch 128, 10 epochs); its trainable parameters are snapshot as one flat vector after every
+epoch. Experts live in a cache folder keyed by a hash of everything that shapes them: the
+training data as the student sees it (so noise and the frozen trunks are covered), the encoder
+config (trunks, heads, temperature), the noise config and the expert settings. A buffer built
+for another dataset or encoder therefore has another key and is never picked up by accident.
+
+Layout: `<cache_dir>/buffers/<dataset>-<encoder>-<key>/buffer.json` (what the key hashes) and
+`expert_<i>.safetensors` (tensor `trajectory` `[epochs + 1, P]`, the parameter layout and the
+expert's val recall in the metadata). Expert `i` is seeded from `expert.seed + i`, so parallel
+jobs (`mmdistill buffer -m expert.index=0,1,2,3`) fill one folder without clashing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from _old.protocol import evaluate
+from mmdistill import io
+from mmdistill.errors import UserError
+from mmdistill.models.encoders import Encoder
+from mmdistill.models.lora import LoraSettings, lora_student
+from mmdistill.models.student import Student
+from mmdistill.training.features import RealSplit
+from mmdistill.training.losses import infonce
+
+log = logging.getLogger(__name__)
+# Bumped when expert training changes, so buffers from older code are rebuilt, not reused.
+BUFFER_VERSION = 1
+BRANCHES = ("image", "text")
+
+
+# --------------------------------------------------------------------------- parameter layout
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Which student parameters form the matched vector, in order: image branch, then text."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    branches: tuple[str, ...]
+
+    @classmethod
+    def of(cls, student: Student) -> ParamLayout:
+        entries = []
+        for name, p in student.named_parameters():
+            if not p.requires_grad:
+                continue
+            branch = name.split("_", 1)[0]
+            if branch not in BRANCHES:
+                raise ValueError(f"trainable parameter {name} belongs to no branch")
+            entries.append((BRANCHES.index(branch), name, tuple(p.shape)))
+        entries.sort(key=lambda e: e[0])  # stable: keeps module order inside a branch
+        return cls(
+            names=tuple(e[1] for e in entries),
+            shapes=tuple(e[2] for e in entries),
+            branches=tuple(BRANCHES[e[0]] for e in entries),
+        )
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def branch_numel(self, branch: str) -> int:
+        return sum(n for n, b in zip(self.sizes, self.branches, strict=True) if b == branch)
+
+    def branch_slices(self) -> dict[str, slice]:
+        n_img = self.branch_numel("image")
+        return {"image": slice(0, n_img), "text": slice(n_img, self.numel)}
+
+    def flatten(self, student: Student) -> Tensor:
+        params = dict(student.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names]).float()
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of `flat` shaped like the parameters (keeps autograd through `flat`)."""
+        parts = torch.split(flat, self.sizes)
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def load_into(self, student: Student, flat: Tensor) -> None:
+        params = dict(student.named_parameters())
+        with torch.no_grad():
+            for n, v in self.unflatten(flat).items():
+                params[n].copy_(v)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            [
+                [n, list(s), b]
+                for n, s, b in zip(self.names, self.shapes, self.branches, strict=True)
+            ]
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ParamLayout:
+        rows = json.loads(text)
+        return cls(
+            names=tuple(r[0] for r in rows),
+            shapes=tuple(tuple(r[1]) for r in rows),
+            branches=tuple(r[2] for r in rows),
+        )
+
+
+def build_student(encoder: Encoder, seed: int, lora: LoraSettings | None) -> Student:
+    """The student whose trainable parameters experts and matching share (LoRA or plain)."""
+    if lora is None:
+        return encoder.new_student(seed)
+    return lora_student(encoder, seed, lora)
+
+
+# ----------------------------------------------------------------------------- settings, key
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    """How experts train; all of it is part of the buffer key."""
+
+    epochs: int
+    lr: float
+    momentum: float
+    batch_size: int
+    seed: int
+    lora: LoraSettings | None
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> ExpertSettings:
+        epochs, batch = int(cfg.epochs), int(cfg.batch_size)
+        if epochs < 1 or batch < 2:
+            raise UserError(
+                f"expert.epochs={epochs} and expert.batch_size={batch}: need >= 1 epoch and >= 2 "
+                "pairs per batch"
+            )
+        return cls(
+            epochs=epochs,
+            lr=float(cfg.lr),
+            momentum=float(cfg.momentum),
+            batch_size=batch,
+            seed=int(cfg.seed),
+            lora=LoraSettings.from_cfg(cfg),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "lora": None if self.lora is None else self.lora.as_dict(),
+            "loss": "infonce",
+            "optimizer": "sgd",
+        }
+
+
+def split_fingerprint(split: RealSplit) -> str:
+    """Content hash of a split as the student sees it (features or pixels, captions, index)."""
+    h = hashlib.sha1()
+    for t in (split.images, split.texts, split.text_mask, split.caption_image):
+        if t is None:
+            h.update(b"none")
+            continue
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+        # Hash every row of ordinary splits; stride through very large pixel sets.
+        step = max(1, rows.numel() // (1 << 26))
+        h.update(rows[::step].contiguous().cpu().numpy().tobytes())
+    h.update("\n".join(split.captions).encode())
+    return h.hexdigest()[:16]
+
+
+def buffer_key(
+    encoder: Encoder,
+    train: RealSplit,
+    dataset_name: str,
+    noise: DictConfig,
+    settings: ExpertSettings,
+) -> tuple[str, dict[str, Any]]:
+    """(key, what it hashes): data content, encoder config, noise and expert settings."""
+    enc = OmegaConf.to_container(encoder.cfg, resolve=True)
+    enc.pop("recipe", None)  # the evaluation recipe does not shape experts
+    parts = {
+        "version": BUFFER_VERSION,
+        "dataset": dataset_name,
+        "data": split_fingerprint(train),
+        "encoder": enc,
+        "noise": OmegaConf.to_container(noise, resolve=True),
+        "expert": settings.as_dict(),
+    }
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16], parts
+
+
+def _describe(parts: dict[str, Any]) -> str:
+    enc = parts.get("encoder", {})
+    return (
+        f"dataset {parts.get('dataset')} (data {parts.get('data')}), encoder {enc.get('name')}, "
+        f"noise {parts.get('noise', {}).get('name')}, experts {parts.get('expert')}"
+    )
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def train_expert(
+    encoder: Encoder,
+    train: RealSplit,
+    val: RealSplit | None,
+    settings: ExpertSettings,
+    index: int,
+    device: str,
+    on_epoch: Callable[[int], None] | None = None,
+    batch_loss: Callable[[nn.Module, Tensor], Tensor] | None = None,
+) -> tuple[Tensor, ParamLayout, dict[str, Any]]:
+    """Train expert `index`; returns its trajectory `[epochs + 1, P]`, layout and stats.
+
+    `batch_loss(student, pair_indices)` replaces the symmetric InfoNCE of the batch (the
+    dual-track experts of `mmdistill.methods.mdw_dual_track` pass theirs)."""
+    if batch_loss is None:
+        pairs = train.pairset()
+
+        def batch_loss(student: nn.Module, idx: Tensor) -> Tensor:
+            images, texts, mask, _ = pairs.batch(idx, device)
+            return infonce(student.logits(images, texts, mask))
+
+    seed = settings.seed + index
+    student = build_student(encoder, seed, settings.lora).to(device).train()
+    layout = ParamLayout.of(student)
+    params = dict(student.named_parameters())
+    opt = torch.optim.SGD(
+        [params[n] for n in layout.names], lr=settings.lr, momentum=settings.momentum
+    )
+    gen = torch.Generator().manual_seed(seed)
+    snapshots = [layout.flatten(student).cpu()]
+    t0 = time.perf_counter()
+    for epoch in range(settings.epochs):
+        order = torch.randperm(train.n_pairs, generator=gen)
+        for start in range(0, len(order), settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            if len(idx) < 2:
+                continue
+            loss = batch_loss(student, idx)
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"expert {index} loss became {loss.item()} in epoch {epoch}; lower "
+                    f"expert.lr (now {settings.lr})"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        snapshots.append(layout.flatten(student).cpu())
+        if on_epoch:
+            on_epoch(epoch + 1)
+    stats: dict[str, Any] = {"index": index, "seed": seed, "seconds": time.perf_counter() - t0}
+    if val is not None:
+        stats["val_r_mean"] = evaluate(student, val, device)["r_mean"]
+    return torch.stack(snapshots), layout, stats
+
+
+# ------------------------------------------------------------------------------ the buffer
+
+
+class Buffer:
+    """A folder of expert trajectories sharing one key; reads epoch ranges on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        info_path = self.path / "buffer.json"
+        if not info_path.is_file():
+            raise UserError(
+                f"{self.path} is not an expert buffer (no buffer.json); build one with "
+                "`mmdistill buffer` or leave method.buffer unset"
+            )
+        self.info: dict[str, Any] = io.read_json(info_path)
+        self.key: str = self.info["key"]
+
+    def expert_path(self, index: int) -> Path:
+        return self.path / f"expert_{index:03d}.safetensors"
+
+    def indices(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in self.path.glob("expert_*.safetensors"))
+
+    def metadata(self, index: int) -> dict[str, str]:
+        with safe_open(str(self.expert_path(index)), framework="pt") as f:
+            return f.metadata() or {}
+
+    def layout(self, index: int) -> ParamLayout:
+        return ParamLayout.from_json(self.metadata(index)["layout"])
+
+    def epochs(self, index: int) -> int:
+        with safe_open(str(self.expert_path(index)), framework="pt") as f:
+            return f.get_slice("trajectory").get_shape()[0] - 1
+
+    def segment(self, index: int, start: int, end: int) -> Tensor:
+        """Snapshots `start..end` (inclusive) of expert `index`, `[end - start + 1, P]`."""
+        with safe_open(str(self.expert_path(index)), framework="pt") as f:
+            return f.get_slice("trajectory")[start : end + 1]
+
+    def write_expert(
+        self, index: int, trajectory: Tensor, layout: ParamLayout, stats: dict[str, Any]
+    ) -> None:
+        meta = {"layout": layout.to_json(), "key": self.key, "stats": json.dumps(stats)}
+        io.save_tensors(self.expert_path(index), {"trajectory": trajectory}, metadata=meta)
+
+
+def buffer_dir(cache_dir: Path, dataset_name: str, encoder: Encoder, key: str) -> Path:
+    return Path(cache_dir).expanduser() / "buffers" / f"{dataset_name}-{encoder.name}-{key}"
+
+
+def find_or_build_buffer(
+    expert_cfg: DictConfig,
+    encoder: Encoder,
+    train: RealSplit,
+    val: RealSplit | None,
+    dataset_name: str,
+    noise: DictConfig,
+    cache_dir: Path,
+    device: str,
+    explicit: str | None = None,
+    indices: list[int] | None = None,
+    say: Callable[[str], None] = print,
+    progress: Any = None,
+) -> Buffer:
+    """The buffer matching this data/encoder/expert config, training missing experts first.
+
+    `explicit` is a buffer folder the user named: it must carry this run's key, else the error
+    names both. `indices` (default: all `expert_cfg.num_experts`) are the experts to ensure.
+    """
+    settings = ExpertSettings.from_cfg(expert_cfg)
+    key, parts = buffer_key(encoder, train, dataset_name, noise, settings)
+    if explicit:
+        path = Path(explicit).expanduser()
+        buf = Buffer(path)
+        if buf.key != key:
+            raise UserError(
+                f"method.buffer={path} was built for {_describe(buf.info.get('parts', {}))} "
+                f"(key {buf.key}), but this run needs {_describe(parts)} (key {key}); point "
+                "method.buffer at a matching buffer or leave it unset to build one"
+            )
+    else:
+        path = buffer_dir(cache_dir, dataset_name, encoder, key)
+        if not (path / "buffer.json").is_file():
+            io.write_json(path / "buffer.json", {"key": key, "parts": parts})
+        buf = Buffer(path)
+    wanted = list(range(int(expert_cfg.num_experts))) if indices is None else list(indices)
+    if not wanted:
+        raise UserError("expert.num_experts must be at least 1")
+    missing = [i for i in wanted if not buf.expert_path(i).is_file()]
+    if missing:
+        say(
+            f"expert buffer {path}: {len(wanted) - len(missing)}/{len(wanted)} experts cached; "
+            f"training {len(missing)} ({settings.epochs} epochs each) first"
+        )
+    for i in missing:
+        task = progress.add_task(f"expert {i}", total=settings.epochs) if progress else None
+
+        def on_epoch(epoch: int, task: Any = task) -> None:
+            if task is not None:
+                progress.update(task, completed=epoch)
+
+        traj, layout, stats = train_expert(
+            encoder, train, val, settings, i, device, on_epoch=on_epoch
+        )
+        buf.write_expert(i, traj, layout, stats)
+        if task is not None:
+            progress.remove_task(task)
+        say(
+            f"expert {i}: {stats['seconds']:.1f}s"
+            + (f", val r_mean {stats['val_r_mean']:.2f}" if "val_r_mean" in stats else "")
+        )
+    if not missing:
+        say(f"using expert buffer {path} ({len(wanted)} experts)")
+    return buf
