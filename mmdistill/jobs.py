@@ -29,6 +29,7 @@ from mmdistill.errors import UserError
 from mmdistill.methods import DistillContext, get_method
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.factory import build_encoder
+from mmdistill.models.student import is_text_features
 from mmdistill.report import recall, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
@@ -193,11 +194,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
 def _check_compatible(pairs: PairSet, prep: Prepared) -> None:
     """A set distilled for one encoder's spaces cannot be read by another's students."""
     want_img = prep.train.images.shape[1:]
-    want_txt = (
-        prep.train.texts.shape[1:]
-        if prep.train.texts.dim() == 2 and prep.train.texts.is_floating_point()
-        else None
-    )
+    want_txt = prep.train.texts.shape[1:] if is_text_features(prep.train.texts) else None
     got_img = pairs.images.shape[1:]
     if tuple(got_img) != tuple(want_img):
         raise UserError(

@@ -20,7 +20,7 @@ from torch import Tensor
 from mmdistill.errors import UserError
 from mmdistill.methods.base import DistillContext
 from mmdistill.models.encoders import Tokens
-from mmdistill.models.student import Student
+from mmdistill.models.student import Student, is_image_features, is_text_features
 from mmdistill.training.losses import LOSSES
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.trainer import Batches, Recipe, Trainer
@@ -43,7 +43,7 @@ def _gen(seed: int) -> torch.Generator:
 def joint_features(ctx: DistillContext, batch: int = 256) -> Tensor:
     """One row per training pair: [normalised image feature, normalised caption feature]."""
     enc, train = ctx.encoder, ctx.train
-    if train.images.dim() == 2:
+    if is_image_features(train.images):
         img = train.images.float()
     else:
         trunk = enc.image_trunk.to(ctx.device)
@@ -53,7 +53,7 @@ def joint_features(ctx: DistillContext, batch: int = 256) -> Tensor:
                 for s in range(0, len(train.images), batch)
             ]
         )
-    if train.texts.dim() == 2 and train.texts.is_floating_point():
+    if is_text_features(train.texts):
         txt = train.texts.float()
     else:
         txt = torch.cat(

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from mmdistill.errors import UserError
 from mmdistill.methods.base import DistillContext
 from mmdistill.models.encoders import Encoder, Tokens
+from mmdistill.models.student import is_text_features
 from mmdistill.training.features import RealSplit
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.trainer import Batches, Recipe, Trainer, pair_loss
@@ -389,7 +390,7 @@ class CovMatch:
 
 
 def _token_text(train: RealSplit) -> bool:
-    return not (train.texts.dim() == 2 and train.texts.is_floating_point())
+    return not is_text_features(train.texts)
 
 
 def _check_embeddable(enc: Encoder) -> None:

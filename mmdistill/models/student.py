@@ -17,6 +17,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def is_text_features(texts: Tensor) -> bool:
+    """Texts given as frozen-trunk features `[N, D]`, not token ids `[N, L]` or token
+    embeddings `[N, L, E]` that a text trunk still has to read."""
+    return texts.dim() == 2 and texts.is_floating_point()
+
+
+def is_image_features(images: Tensor) -> bool:
+    """Images given as frozen-trunk features `[N, D]`, not pixels `[N, 3, H, W]`."""
+    return images.dim() == 2
+
+
 class ProjectionHead(nn.Module):
     """The papers' text projection: Linear-GELU-Linear-Dropout, residual, LayerNorm."""
 
@@ -101,14 +112,14 @@ class Student(nn.Module):
         self.feature_dropout = FeatureDropout(feature_dropout)
 
     def image_features(self, images: Tensor) -> Tensor:
-        if images.dim() == 2:
+        if is_image_features(images):
             return images
         if self.image_trunk is None:
             raise ValueError("pixel images need an image trunk; this student has none")
         return self.image_trunk(images)
 
     def text_features(self, texts: Tensor, mask: Tensor | None = None) -> Tensor:
-        if texts.dim() == 2 and texts.is_floating_point():
+        if is_text_features(texts):
             return texts
         if self.text_trunk is None:
             raise ValueError("token text needs a text trunk; this student has none")

@@ -21,21 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from mmdistill.errors import UserError
+from mmdistill.methods import METHODS
 
 METRICS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
-# Papers' order: coresets, then distillation methods; anything else alphabetically after them.
-METHOD_ORDER = (
-    "random",
-    "herding",
-    "kcenter",
-    "forgetting",
-    "mtt",
-    "mtt_lora",
-    "tesla",
-    "lors",
-    "covmatch",
-    "mdw",
-)
 FULL = "full data"
 # Recorded protocol fields that do not change the numbers.
 NEUTRAL_PROTOCOL = ("name", "students", "workers")
@@ -287,11 +275,14 @@ def collect(folders: list[Path]) -> tuple[list[Result], list[str]]:
 
 
 def _method_rank(method: str) -> tuple[int, str]:
+    """The papers' order (coresets, then distillation methods: the method table's order);
+    unknown names alphabetically after them, full data last."""
+    order = METHODS.names()
     if method == FULL:
-        return len(METHOD_ORDER) + 1, method
-    if method in METHOD_ORDER:
-        return METHOD_ORDER.index(method), method
-    return len(METHOD_ORDER), method
+        return len(order) + 1, method
+    if method in order:
+        return order.index(method), method
+    return len(order), method
 
 
 def build(results: list[Result], problems: list[str] | None = None) -> Table:

@@ -33,6 +33,7 @@ from mmdistill.data.noise import apply_noise
 from mmdistill.errors import UserError
 from mmdistill.models.encoders import CLIP_MEAN, CLIP_STD, Encoder
 from mmdistill.models.factory import build_encoder
+from mmdistill.models.student import is_image_features, is_text_features
 from mmdistill.training.features import RealSplit, real_split
 from mmdistill.training.pairs import PairSet
 
@@ -82,7 +83,7 @@ def nearest(queries: Tensor, keys: Tensor, k: int, block: int = 4096) -> tuple[T
 @torch.no_grad()
 def text_vectors(texts: Tensor, mask: Tensor | None, encoder: Encoder | None) -> Tensor:
     """One vector per text: features as they are, token ids/embeddings as masked mean embedding."""
-    if texts.is_floating_point() and texts.dim() == 2:
+    if is_text_features(texts):
         return texts.float().cpu()
     if encoder is None:
         raise UserError("token-space texts need the encoder to embed them")
@@ -136,11 +137,11 @@ def export_run(
         raise UserError(f"--max {max_images}: show at least one image")
     if train is None:
         encoder, train, train_images = _real_train(cfg, run_dir, device)
-    elif encoder is None and not (pairs.texts.is_floating_point() and pairs.texts.dim() == 2):
+    elif encoder is None and not is_text_features(pairs.texts):
         encoder = build_encoder(cfg.encoder)  # token-space texts are compared as embeddings
     written = []
     images = pairs.images[:max_images].detach().cpu()
-    if images.dim() == 4:
+    if not is_image_features(images):
         pixels = denormalise(images, cfg.encoder)
         scale = max(1, MIN_TILE // pixels.shape[-1])  # small images are enlarged, pixel for pixel
         pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
