@@ -92,3 +92,25 @@ def test_the_checker_sees_function_level_imports_and_cycles(tmp_path: Path) -> N
     known = {"mmdistill.data.a": tmp_path / "a.py", "mmdistill.cli": PACKAGE / "cli.py"}
     assert imports(tmp_path / "a.py", "mmdistill.data.a", known) == {"mmdistill.cli"}
     assert floor("mmdistill.data.a") < floor("mmdistill.cli")
+
+
+def test_the_readme_layout_names_every_module_once() -> None:
+    """README's Layout section draws the floors one line per module: it must match the tree."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, folder = [], ""
+    for line in block.splitlines():
+        name, indent = line.strip().split(" ", 1)[0], len(line) - len(line.lstrip())
+        if indent == 2:  # a package folder or a module at the top of mmdistill/
+            folder = name if name.endswith("/") else ""
+        if name.endswith(".py") and indent in (2, 4):
+            listed.append((folder if indent == 4 else "") + name)
+    actual = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py"))
+    missing = (
+        set(actual)
+        - set(listed)
+        - {"__init__.py", "training/__init__.py", "report/__init__.py", "models/__init__.py"}
+    )
+    assert not missing, f"modules not in README's Layout: {sorted(missing)}"
+    assert not set(listed) - set(actual), "README's Layout names modules that do not exist"
+    assert len(listed) == len(set(listed))
