@@ -86,6 +86,7 @@ def _job_app(verb: str) -> Callable[[], None]:
         from mmdistill.console import console
         from mmdistill.jobs import JOBS, resolve_device
         from mmdistill.runs import record_failure
+        from mmdistill.training import precision
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
@@ -93,7 +94,9 @@ def _job_app(verb: str) -> Callable[[], None]:
             if (run_dir / "done").is_file():
                 console.print(f"already done, skipped: {run_dir}")
                 return
-            JOBS[verb](cfg, run_dir, resolve_device(str(cfg.device)))
+            device = resolve_device(str(cfg.device))
+            precision.configure(str(cfg.get("precision", "auto")), device)
+            JOBS[verb](cfg, run_dir, device)
             console.print(f"run folder: {run_dir}")
         except UserError as err:
             record_failure(run_dir, str(err))

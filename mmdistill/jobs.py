@@ -34,6 +34,7 @@ from mmdistill.report import recall, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
+from mmdistill.training import precision
 from mmdistill.training.experts import find_or_build_buffer
 from mmdistill.training.features import RealSplit, real_split
 from mmdistill.training.pairs import PairSet
@@ -113,6 +114,7 @@ def _evaluate_pairs(
         else None,
         "noise": OmegaConf.to_container(cfg.noise, resolve=True),
         "seed": int(cfg.seed),
+        "precision": precision.current(),
         "protocol": OmegaConf.to_container(cfg.eval, resolve=True),
         "students": res.students,
         "summary": res.summary,

@@ -22,7 +22,6 @@ round (only differs from `fresh` for random-init encoders). Heads are always fre
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import torch
@@ -36,7 +35,14 @@ from mmdistill.models.encoders import Encoder, Tokens
 from mmdistill.models.student import is_text_features
 from mmdistill.training.features import RealSplit
 from mmdistill.training.pairs import PairSet
-from mmdistill.training.trainer import Batches, Recipe, Trainer, pair_loss
+from mmdistill.training.trainer import (
+    Batches,
+    FiniteCheck,
+    Recipe,
+    Trainer,
+    default_check_every,
+    pair_loss,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "covmatch"
@@ -72,14 +78,15 @@ def covmatch_loss(
     rho: float,
     lam: float,
     real_cov: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """||rho C_real - C_syn||_F^2 + lam * sum over modalities of ||mean G h_real - mean G h_syn||^2.
 
     `real` and `syn` are (image, text) trunk features; `heads` the current linear projections G
     (affine, so the projected mean is the projection of the mean). For a real batch the
     Frobenius term is expanded as rho^2 |C_r|^2 - 2 rho <C_r, C_s> + |C_s|^2 (see `_cov_inner`).
     With `real_cov` given (statistics of all real pairs, precomputed), `real` only supplies
-    the real means (a single row each is enough).
+    the real means (a single row each is enough). The two terms come back detached, still on
+    the device: reading them is a host sync, done only when a step is logged.
     """
     if real_cov is None:
         cov = (
@@ -93,7 +100,7 @@ def covmatch_loss(
         (head(r.mean(0, keepdim=True)) - head(s.mean(0, keepdim=True))).pow(2).sum()
         for head, r, s in zip(heads, real, syn, strict=True)
     )
-    return cov + lam * mean, {"cov": float(cov.detach()), "mean": float(mean.detach())}
+    return cov + lam * mean, {"cov": cov.detach(), "mean": mean.detach()}
 
 
 def budget_settings(cfg: DictConfig, pairs: int) -> dict[str, object]:
@@ -226,8 +233,10 @@ class CovMatch:
         syn_batch = int(s["syn_batch"])
         gen = torch.Generator().manual_seed(ctx.seed)
         syn = self._init_synthetic(ctx, gen)
-        real = ctx.train.pairset()
-        batches = Batches(len(real), min(int(self.cfg.real_batch), len(real)), gen)
+        real = ctx.train.pairset().to(ctx.device)  # on the device once, not per batch
+        batches = Batches(
+            len(real), min(int(self.cfg.real_batch), len(real)), gen, device=ctx.device
+        )
         start, history = 0, []
         saved = ctx.run.load_checkpoint(CHECKPOINT)
         if saved is not None:
@@ -261,17 +270,30 @@ class CovMatch:
             if ctx.progress
             else None
         )
+
+        def diverged(value: float, at: int) -> None:
+            raise UserError(
+                f"CovMatch loss became {value} at step {at}; the last good synthetic set stays "
+                f"in {ctx.run.path / 'checkpoints'}; lower method.lr (now {self.cfg.lr}, "
+                f"method.lr_text {self.cfg.lr_text}) and resume with resume={ctx.run.path} "
+                "method.lr=..."
+            )
+
+        check = FiniteCheck(default_check_every(ctx.device), diverged)
+        every_pair = torch.arange(ctx.pairs, device=ctx.device)
         online: Trainer | None = None
         t0 = time.perf_counter()
         for step in range(start, steps):
             if online is None or step % reset_every == 0:
+                if online is not None:
+                    online.flush()
                 online = self._online(ctx, step // reset_every, real)
             student = online.student
             # 1. Synthetic update against the current online student (no gradient to it).
             sidx = (
-                torch.arange(ctx.pairs)
+                every_pair
                 if syn_batch == ctx.pairs
-                else torch.randperm(ctx.pairs, generator=gen)[:syn_batch]
+                else torch.randperm(ctx.pairs, generator=gen)[:syn_batch].to(ctx.device)
             )
             student.eval()
             if real_means is not None:
@@ -288,26 +310,26 @@ class CovMatch:
                 feats_real, feats_syn, (student.image_head, student.text_head), rho, lam, real_cov
             )
             grads = torch.autograd.grad(loss, [images, texts])
-            if not (math.isfinite(loss.item()) and all(torch.isfinite(g).all() for g in grads)):
-                raise UserError(
-                    f"CovMatch loss became {loss.item()} at step {step}; the last good synthetic "
-                    f"set stays in {ctx.run.path / 'checkpoints'}; lower method.lr (now "
-                    f"{self.cfg.lr}, method.lr_text {self.cfg.lr_text}) and resume with "
-                    f"resume={ctx.run.path} method.lr=..."
-                )
+            check.watch(step, loss, *grads)
             images.grad, texts.grad = grads
             opt.step()
             opt.zero_grad(set_to_none=True)
             # 2. One ordinary contrastive step of the online student on the next real batch.
             online_loss = online.step(batches.next())
             if step % log_every == 0 or step + 1 == steps:
-                row = {"step": step, "loss": loss.item(), **parts, "online": online_loss.item()}
+                row = {"step": step, "loss": loss.item(), "online": online_loss.item()}
+                row.update({k: v.item() for k, v in parts.items()})
                 history.append(row)
                 log.info("covmatch %s", " ".join(f"{k} {v:.4g}" for k, v in row.items()))
             if (step + 1) % every == 0 and step + 1 < steps:
+                check.flush()  # a checkpoint is always a finite set
+                online.flush()
                 checkpoint(step + 1)
             if task is not None:
                 ctx.progress.advance(task)
+        check.flush()
+        if online is not None:
+            online.flush()
         sec_per_step = (time.perf_counter() - t0) / max(steps - start, 1)
 
         images, texts = images.detach().cpu(), texts.detach().cpu()
@@ -385,7 +407,8 @@ class CovMatch:
             if key in tensors:
                 syn[key] = tensors[key]
         gen.set_state(tensors["rng"])
-        batches.order, batches.pos = tensors["real_order"], int(state["real_pos"])
+        batches.order = tensors["real_order"].to(batches.device)
+        batches.pos = int(state["real_pos"])
         return int(state["step"]), list(state.get("history", []))
 
 

@@ -8,7 +8,7 @@ similarity (LoRS, MDW) and learned student step sizes travel with the set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,21 @@ class PairSet:
         if self.similarity is not None:
             targets = self.similarity(idx.to(next(self.similarity.parameters()).device)).to(device)
         return images, texts, mask, targets
+
+    def to(self, device: torch.device | str) -> PairSet:
+        """The same set with its tensors on `device` (a no-op where they already are), so
+        batches are gathered there instead of copied from host memory every step."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            images=move(self.images),
+            texts=move(self.texts),
+            text_mask=move(self.text_mask),
+            image_index=move(self.image_index),
+        )
 
     def detached(self) -> PairSet:
         """A copy with plain tensors (no autograd history), for saving and evaluation."""

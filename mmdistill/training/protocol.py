@@ -23,6 +23,7 @@ from mmdistill.models.encoders import Encoder
 from mmdistill.models.student import Student
 from mmdistill.training.features import RealSplit
 from mmdistill.training.pairs import PairSet
+from mmdistill.training.precision import autocast
 from mmdistill.training.retrieval import METRICS, NonFiniteEmbeddings, recall_at_k
 from mmdistill.training.trainer import Batches, Recipe, Trainer, pair_loss
 
@@ -36,14 +37,15 @@ def embed_split(
 ) -> tuple[Tensor, Tensor]:
     """L2-normalised image and caption embeddings of a split."""
     student.eval()
-    imgs = [
-        student.encode_image(split.images[s : s + batch].to(device))
-        for s in range(0, len(split.images), batch)
-    ]
-    txts = []
-    for s in range(0, split.n_pairs, batch):
-        mask = None if split.text_mask is None else split.text_mask[s : s + batch].to(device)
-        txts.append(student.encode_text(split.texts[s : s + batch].to(device), mask))
+    with autocast():
+        imgs = [
+            student.encode_image(split.images[s : s + batch].to(device)).float()
+            for s in range(0, len(split.images), batch)
+        ]
+        txts = []
+        for s in range(0, split.n_pairs, batch):
+            mask = None if split.text_mask is None else split.text_mask[s : s + batch].to(device)
+            txts.append(student.encode_text(split.texts[s : s + batch].to(device), mask).float())
     return torch.cat(imgs), torch.cat(txts)
 
 

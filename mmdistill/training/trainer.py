@@ -29,6 +29,7 @@ from mmdistill.errors import UserError
 from mmdistill.models.student import Student
 from mmdistill.training.losses import LOSSES
 from mmdistill.training.pairs import PairSet
+from mmdistill.training.precision import autocast
 
 # eval.lr values that read the set's distilled step sizes: each branch its own (LoRS), or the
 # image step size for both branches (MTT-VL's evaluation).
@@ -145,7 +146,9 @@ class Batches:
       (`min_last=None`: the forgetting student, whose events need full batches).
     * `fresh`: every batch an independent draw of `size` distinct pairs (dual-track scorers).
 
-    `pool` restricts the draws to those pair indices (a scorer's training folds).
+    `pool` restricts the draws to those pair indices (a scorer's training folds). The draws
+    come from a CPU generator (the same on every device); each pass is moved to `device` once,
+    so the indices of every step already live where the data do.
     """
 
     def __init__(
@@ -156,33 +159,38 @@ class Batches:
         order: str = "cycle",
         pool: Tensor | None = None,
         min_last: int | None = 2,
+        device: torch.device | str = "cpu",
     ) -> None:
         if order not in ("cycle", "epoch", "fresh"):
             raise ValueError(f"unknown batch order {order!r}")
-        self.pool = pool
+        self.device = torch.device(device)
+        self.pool = None if pool is None else pool.to(self.device)
         self.n = n if pool is None else len(pool)
         self.size, self.gen, self.kind, self.min_last = size, gen, order, min_last
         self.order, self.pos = None, 0
         if order == "cycle":
-            self.order = torch.randperm(self.n, generator=gen)
+            self.order = self._perm()
+
+    def _perm(self) -> Tensor:
+        return torch.randperm(self.n, generator=self.gen).to(self.device)
 
     def _of(self, local: Tensor) -> Tensor:
         return local if self.pool is None else self.pool[local]
 
     def next(self) -> Tensor:
         if self.kind == "fresh":
-            return self._of(torch.randperm(self.n, generator=self.gen)[: self.size])
+            return self._of(self._perm()[: self.size])
         if self.kind != "cycle":
             raise ValueError("epoch batches come from epochs()")
         if self.pos + self.size > self.n:
-            self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
+            self.order, self.pos = self._perm(), 0
         self.pos += self.size
         return self._of(self.order[self.pos - self.size : self.pos])
 
     def epochs(self, count: int) -> Iterator[list[Tensor]]:
         """`count` passes over the pairs, each a list of batches."""
         for _ in range(count):
-            order = torch.randperm(self.n, generator=self.gen)
+            order = self._perm()
             stop = self.n if self.min_last is not None else self.n - self.size + 1
             batches = [order[s : s + self.size] for s in range(0, stop, self.size)]
             if self.min_last is not None:
@@ -201,12 +209,55 @@ def pair_loss(pairs: PairSet, loss: str, device: str) -> BatchLoss:
     return batch_loss
 
 
+class FiniteCheck:
+    """Watches losses (and gradients) for NaN / inf without a host sync per step: bad steps
+    are flagged on the device and the flag is read every `every` steps (every step on CPU,
+    where reading costs nothing), then `on_bad(value, step)` reports the first bad one."""
+
+    def __init__(self, every: int, on_bad: Callable[[float, int], None]) -> None:
+        self.every = max(1, every)
+        self.on_bad = on_bad
+        self._bad: Tensor | None = None  # any bad step since the last read
+        self._step: Tensor | None = None  # the first bad step
+        self._value: Tensor | None = None  # its loss
+
+    def watch(self, step: int, loss: Tensor, *others: Tensor) -> None:
+        """Flag `step` if its loss or any of `others` is not finite; read every `every`."""
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss)
+        for t in others:
+            bad = bad | ~torch.isfinite(t.detach()).all()
+        if self.every == 1:
+            if bool(bad):
+                self.on_bad(float(loss), step)
+            return
+        if self._bad is None:
+            self._bad, self._step, self._value = bad, torch.where(bad, step, -1), loss.clone()
+        else:
+            new = bad & ~self._bad
+            self._step = torch.where(new, step, self._step)
+            self._value = torch.where(new, loss, self._value)
+            self._bad = self._bad | bad
+        if (step + 1) % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Report now if any step since the last read was bad (one host sync)."""
+        if self._bad is not None and bool(self._bad):
+            self.on_bad(float(self._value), int(self._step))
+        self._bad = None
+
+
+def default_check_every(device: torch.device | str) -> int:
+    """Every step on CPU; every 25 on a GPU, so kernels queue without waiting on the host."""
+    return 1 if torch.device(device).type == "cpu" else 25
+
+
 class Trainer:
     """Steps one student: loss hook, divergence check, optimizer step at the scheduled rate.
 
     `what` and `hint` make the divergence message: "<what> loss became nan at step 12;
-    <hint>". On CPU the check runs every step (it costs nothing); on a GPU it reads an
-    accumulated flag every `check_every` steps, so steps queue without waiting on the host.
+    <hint>" (see `FiniteCheck` for when it is read).
     """
 
     def __init__(
@@ -228,17 +279,16 @@ class Trainer:
         self.total = total_steps
         self.what, self.hint = what, hint
         device = next((p.device for p in student.parameters()), torch.device("cpu"))
-        self.check_every = check_every or (1 if device.type == "cpu" else 25)
+        self.check = FiniteCheck(check_every or default_check_every(device), self._raise)
         self.step_count = 0
-        self._bad: Tensor | None = None
-        self._first_bad: Tensor | None = None
 
     def step(self, idx: Tensor) -> Tensor:
         """One optimizer step on the pairs `idx`; returns the batch loss (detached)."""
         step = self.step_count
         self.student.train()
-        loss = self.batch_loss(self.student, idx)
-        self._check(loss, step)
+        with autocast():
+            loss = self.batch_loss(self.student, idx).float()
+        self.check.watch(step, loss)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.recipe.schedule != "none":
@@ -249,25 +299,9 @@ class Trainer:
         self.step_count += 1
         return loss.detach()
 
-    def _check(self, loss: Tensor, step: int) -> None:
-        if self.check_every == 1:
-            if not torch.isfinite(loss):
-                self._raise(loss.item(), step)
-            return
-        bad = ~torch.isfinite(loss.detach())
-        if self._bad is None:
-            self._bad = bad
-            self._first_bad = torch.where(bad, step, -1)
-        else:
-            self._first_bad = torch.where(bad & ~self._bad, step, self._first_bad)
-            self._bad = self._bad | bad
-        if (step + 1) % self.check_every == 0 or step + 1 == self.total:
-            self.flush()
-
     def flush(self) -> None:
-        """Raise now if any step since the last check diverged (one host sync)."""
-        if self._bad is not None and bool(self._bad):
-            self._raise(float("nan"), int(self._first_bad))
+        """Raise now if any step since the last check diverged."""
+        self.check.flush()
 
     def _raise(self, value: float, step: int) -> None:
         raise UserError(f"{self.what} loss became {value} at step {step}; {self.hint}")
