@@ -30,7 +30,7 @@ from mmdistill.errors import UserError
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 # Overrides that do not change what a job computes, so they do not name its folder.
-NEUTRAL_KEYS = ("device", "resume", "threads", "eval.workers")
+NEUTRAL_KEYS = ("device", "resume", "threads", "eval.workers", "eval.together")
 SLUG_CHARS = 80
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher"
 

@@ -143,3 +143,31 @@ def test_learned_image_lr_serves_both_branches(tmp_path: Path) -> None:
         "text_head": 0.5,
     }
     assert {g["lr"] for g in shared.param_groups} == {0.25}
+
+
+@pytest.mark.parametrize("loss", ["auto", "wbce"])
+def test_students_trained_together_match_students_trained_alone(
+    tmp_path: Path, one_thread, loss: str
+) -> None:
+    """Head-only students stacked into one batched model (the GPU path, forced here on CPU)
+    see the same batches and dropout draws as alone: the same heads to float tolerance and the
+    same records."""
+    encoder, train, val = _shapes_heads_only(tmp_path)
+    pairs = train.pairset()
+    cfg = eval_cfg(workers=1, loss=loss, steps=40)
+    alone = run_protocol(
+        encoder, pairs, OmegaConf.merge(cfg, {"together": "false"}), val, None, "cpu", 0
+    )
+    together = run_protocol(
+        encoder, pairs, OmegaConf.merge(cfg, {"together": "true"}), val, None, "cpu", 0
+    )
+    for a, b in zip(alone.students, together.students, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+    assert (
+        protocol.train_together(OmegaConf.merge(cfg, {"together": "auto"}), "cpu", encoder) is False
+    )
+    assert protocol.train_together(OmegaConf.merge(cfg, {"together": "auto"}), "cuda", encoder)
+    best = OmegaConf.merge(cfg, {"together": "true", "selection": "best_val"})
+    assert protocol.train_together(best, "cuda", encoder) is False  # selection needs each alone

@@ -26,7 +26,7 @@ from mmdistill.methods import METHODS
 METRICS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
 FULL = "full data"
 # Recorded protocol fields that do not change the numbers.
-NEUTRAL_PROTOCOL = ("name", "students", "workers")
+NEUTRAL_PROTOCOL = ("name", "students", "workers", "together")
 
 
 @dataclass

@@ -20,11 +20,12 @@ from torch import Tensor
 
 from mmdistill.errors import UserError
 from mmdistill.models.encoders import Encoder
-from mmdistill.models.student import Student
+from mmdistill.models.student import Student, is_image_features
 from mmdistill.training.features import RealSplit
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.precision import autocast
 from mmdistill.training.retrieval import METRICS, NonFiniteEmbeddings, recall_at_k
+from mmdistill.training.stacked import StackedBatches, StackedStudent, stackable, stacked_loss
 from mmdistill.training.trainer import Batches, Recipe, Trainer, pair_loss
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,8 @@ def _train_and_test(job: _StudentJob, k: int) -> dict:
     student, hist = train_student(
         student, job.pairs, job.cfg, student_seed, job.device, job.select_on
     )
-    try:
-        rec = evaluate(student, job.test, job.device)
-    except NonFiniteEmbeddings as err:
-        raise NonFiniteEmbeddings(f"student {k} (seed {student_seed}): {err}") from None
-    rec.update({"student": k, "seed": student_seed, **hist})
+    rec = _test(job, student, k)
+    rec.update(hist)
     return rec
 
 
@@ -172,10 +170,74 @@ def _one_thread_worker() -> None:
     torch.set_num_threads(1)
 
 
+def train_together(cfg: DictConfig, device: str, encoder: Encoder) -> bool:
+    """Whether students train as one stacked model: `eval.together` true, or auto on a GPU,
+    for head-only students (frozen trunks) with linear heads and final-step selection."""
+    wanted = str(cfg.get("together", "auto"))
+    heads = {str(encoder.cfg.head.image), str(encoder.cfg.head.text)}
+    head_only = encoder.image_space == "feature" and encoder.text_space == "feature"
+    if wanted == "false" or cfg.selection != "final" or not head_only:
+        return False
+    if not heads <= {"linear", "identity"}:
+        return False
+    return wanted == "true" or torch.device(device).type == "cuda"
+
+
+def _together(job: _StudentJob, todo: list[int]) -> list[dict]:
+    """Train the students `todo` at once as one `StackedStudent`, each with the seeds and
+    draws it would have alone."""
+    dropout = float(job.cfg.feature_dropout)
+    device = torch.device(job.device)
+    students, gens, batches = [], [], []
+    for k in todo:
+        seed = job.seed * 1000 + k
+        students.append(job.encoder.new_student(seed, feature_dropout=dropout).to(device))
+        gen = torch.Generator(device=device)
+        if device.type == "cpu":  # alone, its masks would come right after its heads' init
+            gen.set_state(torch.get_rng_state())
+        else:  # new_student seeded the GPU's generator, which head init does not touch
+            gen.manual_seed(seed)
+        gens.append(gen)
+        size = min(int(job.cfg.batch_size), len(job.pairs))
+        batches.append(Batches(len(job.pairs), size, torch.Generator().manual_seed(seed)))
+    if not stackable(students):
+        raise ValueError("train_together allowed students that cannot be stacked")
+    model = StackedStudent(students)
+    trainer = Trainer(
+        model,
+        Recipe.from_cfg(job.cfg),
+        stacked_loss(job.pairs, student_loss_name(job.cfg, job.pairs), dropout, gens, job.device),
+        total_steps=int(job.cfg.steps),
+        pairs=job.pairs,
+        hint=f"lower eval.lr (now {job.cfg.lr})",
+    )
+    trainer.run(StackedBatches(batches), int(job.cfg.steps))
+    model.unstack_into(students)
+    records = []
+    for k, student in zip(todo, students, strict=True):
+        rec = _test(job, student, k)
+        rec.update(history=[], selected_r_mean=None)
+        records.append(rec)
+    return records
+
+
+def _test(job: _StudentJob, student: Student, k: int) -> dict:
+    seed = job.seed * 1000 + k
+    try:
+        rec = evaluate(student, job.test, job.device)
+    except NonFiniteEmbeddings as err:
+        raise NonFiniteEmbeddings(f"student {k} (seed {seed}): {err}") from None
+    rec.update({"student": k, "seed": seed})
+    return rec
+
+
 def _students(job: _StudentJob, todo: list[int], workers: int) -> Iterator[dict]:
     """Each student's record, in student order; students seed every draw they make, so the
-    records do not depend on the number of workers."""
+    records do not depend on the number of workers, nor on training together."""
     global _JOB
+    if todo and train_together(job.cfg, job.device, job.encoder):
+        yield from _together(job, todo)
+        return
     if workers <= 1:
         for k in todo:
             yield _train_and_test(job, k)
@@ -203,6 +265,8 @@ def run_protocol(
 ) -> ProtocolResult:
     """Train `cfg.students` fresh students and test each; `done` resumes a partial run."""
     results = list(done or [])
+    if is_image_features(pairs.images):  # features sit on the device once, not per batch
+        pairs = pairs.to(device)
     select_on = {"final": None, "best_val": val, "best_test": test}[cfg.selection]
     job = _StudentJob(encoder, pairs, cfg, test, select_on, device, seed)
     todo = list(range(len(results), int(cfg.students)))
