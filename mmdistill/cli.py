@@ -83,6 +83,8 @@ def _job_app(verb: str) -> Callable[[], None]:
 
     @hydra.main(config_path=str(conf_dir()), config_name=verb, version_base="1.3")
     def app(cfg: DictConfig) -> None:
+        import torch
+
         from mmdistill.console import console
         from mmdistill.jobs import JOBS, resolve_device
         from mmdistill.runs import record_failure
@@ -96,7 +98,14 @@ def _job_app(verb: str) -> Callable[[], None]:
                 return
             device = resolve_device(str(cfg.device))
             precision.configure(str(cfg.get("precision", "auto")), device)
-            JOBS[verb](cfg, run_dir, device)
+            try:
+                JOBS[verb](cfg, run_dir, device)
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(
+                    f"the GPU ran out of memory in `{verb}`; lower method.syn_steps, the batch "
+                    "sizes (method.batch_syn, method.syn_batch, eval.batch_size, "
+                    "expert.batch_size) or budget.pairs, or use precision=bf16"
+                ) from None
             console.print(f"run folder: {run_dir}")
         except UserError as err:
             record_failure(run_dir, str(err))

@@ -27,6 +27,7 @@ fixed mask for a trained text trunk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -302,10 +303,11 @@ class TrajectoryMatching:
         data = (syn.images, syn.texts, syn.mask, syn.similarity)
         steps = self.step_vector(syn, layout).to(start.device)
         theta = start.clone().requires_grad_(True)
-        for idx in batches:
-            loss = self._inner_loss(embed, layout, theta, idx, data)
-            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-            theta = theta - steps * g
+        with _double_backward_attention():
+            for idx in batches:
+                loss = self._inner_loss(embed, layout, theta, idx, data)
+                (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+                theta = theta - steps * g
         loss = self.matching_loss(theta, start, target, layout.branch_slices())
         if torch.isfinite(loss):
             torch.autograd.backward(loss, inputs=list(syn.tensors().values()))
@@ -326,12 +328,14 @@ class TrajectoryMatching:
         )
         rng = _rng_state(start.device)  # replay identical dropout masks in the second pass
         theta, total = start.clone(), torch.zeros_like(start)
-        for idx in batches:
-            theta.requires_grad_(True)
-            loss = self._inner_loss(embed, layout, theta, idx, frozen)
-            (g,) = torch.autograd.grad(loss, theta)
-            total += g
-            theta = (theta - steps * g).detach()
+        # No double backward in this pass: a GPU may use its fused attention kernels here.
+        with _first_pass_attention(start.device):
+            for idx in batches:
+                theta.requires_grad_(True)
+                loss = self._inner_loss(embed, layout, theta, idx, frozen)
+                (g,) = torch.autograd.grad(loss, theta)
+                total += g
+                theta = (theta - steps * g).detach()
         with torch.no_grad():
             loss = self.matching_loss(theta, start, target, slices)
             coef = self._matching_grad(theta, start, target, slices)
@@ -342,12 +346,13 @@ class TrajectoryMatching:
         inputs = [syn.images, syn.texts] + ([] if sim is None else list(sim.parameters()))
         theta = start.clone()
         back = -steps * coef
-        for idx in batches:
-            theta.requires_grad_(True)
-            inner = self._inner_loss(embed, layout, theta, idx, live)
-            (g,) = torch.autograd.grad(inner, theta, create_graph=True)
-            torch.autograd.backward((back * g).sum(), inputs=inputs)
-            theta = (theta - steps * g.detach()).detach()
+        with _double_backward_attention():
+            for idx in batches:
+                theta.requires_grad_(True)
+                inner = self._inner_loss(embed, layout, theta, idx, live)
+                (g,) = torch.autograd.grad(inner, theta, create_graph=True)
+                torch.autograd.backward((back * g).sum(), inputs=inputs)
+                theta = (theta - steps * g.detach()).detach()
         for name, step in (("image", syn.step_image), ("text", syn.step_text)):
             sl = slices[name]
             grad = -(coef[sl] * total[sl]).sum().to(step.device)
@@ -430,8 +435,9 @@ class TrajectoryMatching:
         before = syn.snapshot()
         loop.opt.zero_grad(set_to_none=True)
         compute = self.grad_unroll if self.gradient == "unroll" else self.grad_first_order
-        # Fused attention kernels have no second derivative; the math kernel does.
-        with sdpa_kernel(SDPBackend.MATH):
+        # On CPU every attention runs the math kernel, as it always has (bit-identical runs);
+        # on a GPU only the passes that differentiate through a gradient need it.
+        with _first_pass_attention(torch.device(ctx.device)):
             loss = compute(loop.embed, loop.layout, syn, start, target, batches)
         grads_ok = all(
             v.grad is None or bool(torch.isfinite(v.grad).all()) for v in syn.tensors().values()
@@ -579,6 +585,18 @@ class TrajectoryMatching:
             f"distilled set is in {path}.safetensors; lower method.lr_img / method.lr_txt "
             f"(now {self.cfg.lr_img} / {self.cfg.lr_txt}) or method.lr_lr"
         )
+
+
+def _double_backward_attention() -> contextlib.AbstractContextManager:
+    """The math attention kernel: fused kernels have no second derivative, and a step that
+    differentiates through a gradient (MTT's unroll, TESLA's replay) needs one."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _first_pass_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """TESLA's graph-free first pass: any kernel on a GPU; on CPU still the math kernel, so the
+    pass and its replay compute the same steps and CPU runs stay bit-identical."""
+    return contextlib.nullcontext() if device.type == "cuda" else _double_backward_attention()
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
