@@ -13,12 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from mmdistill.config import compose
 from mmdistill.data.noise import load_mask
 from mmdistill.jobs import Prepared, distill_context, prepare
 from mmdistill.methods import get_method
+from mmdistill.methods.coresets import joint_features
 from mmdistill.runs import Run
 from mmdistill.training.protocol import run_protocol
 
@@ -91,12 +93,27 @@ def noisy(real_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Bench:
     return Bench(real_data, tmp_path_factory.mktemp("noisy"), "noise=shuffle", "noise.ratio=0.5")
 
 
-@pytest.mark.parametrize("method", ["herding", "kcenter"])
-def test_coresets_beat_random(clean: Bench, method: str) -> None:
-    """Benchmark (5 students): herding 27.5, k-center 27.2 vs random 23.8-24.2."""
-    score, pairs = clean.score(method)
-    assert len(pairs) == PAIRS
-    assert score > clean.random + 1.5, (score, clean.random)
+def test_coresets_optimise_their_objectives_on_real_features(clean: Bench) -> None:
+    """Herding matches the full data's mean in the joint feature space, and k-center covers
+    it, each better than every one of 20 random selections of the same size. (Their retrieval
+    at 100 pairs lies inside random's draw spread: docs/results.md, multi-draw rows.)"""
+    cfg = compose_cfg(clean.root)
+    ctx = distill_context(cfg, clean.prep, PAIRS, "cpu", clean.run, None)
+    x = joint_features(ctx)
+    gen = torch.Generator().manual_seed(0)
+    draws = [torch.randperm(len(x), generator=gen)[:PAIRS] for _ in range(20)]
+
+    def mean_error(idx: torch.Tensor) -> float:
+        return float((x[idx].mean(0) - x.mean(0)).norm())
+
+    def radius(idx: torch.Tensor) -> float:
+        return float(torch.cdist(x, x[idx]).min(dim=1).values.max())
+
+    picked = get_method("herding")(cfg.method).distill(ctx).meta["source_pairs"]
+    assert mean_error(torch.tensor(picked)) < min(mean_error(d) for d in draws)
+    cover = compose_cfg(clean.root, "method=kcenter")
+    picked = get_method("kcenter")(cover.method).distill(ctx).meta["source_pairs"]
+    assert radius(torch.tensor(picked)) < min(radius(d) for d in draws)
 
 
 def test_covmatch_beats_random(clean: Bench) -> None:
