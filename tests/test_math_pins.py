@@ -20,9 +20,9 @@ from mmdistill.methods import covmatch as covmatch_module
 from mmdistill.methods import mdw_dual_track as dual_module
 from mmdistill.methods.covmatch import CovMatch
 from mmdistill.methods.mdw import MDW
-from mmdistill.methods.trajectory import TrajectoryMatching
+from mmdistill.methods.trajectory import TrajectoryMatching, _Embed, blend
 from mmdistill.runs import Run
-from mmdistill.training.experts import ParamLayout
+from mmdistill.training.experts import ParamLayout, build_student
 from mmdistill.training.losses import infonce, soft_infonce, wbce
 from mmdistill.training.similarity import build_similarity
 from mmdistill.training.trainer import Trainer
@@ -254,3 +254,61 @@ def test_each_dual_track_trains_on_the_other_tracks_selection(
     for index, keep in trained_on:  # expert i: track i % 2, the other track's clean pairs
         assert torch.equal(keep, b_clean if index % 2 == 0 else a_clean), index
     assert [i for i, _ in trained_on] == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- RepBlend
+
+
+def test_repblend_blends_both_modalities_with_one_lambda_and_one_permutation() -> None:
+    """x -> lambda x + (1 - lambda) x[pi] on images and texts with the same lambda and pi,
+    recovered here from the output and checked against a plain-Python mix."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    texts = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    torch.manual_seed(11)
+    mixed_i, mixed_t = blend(images, texts, 1.0)
+    torch.manual_seed(11)
+    lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+    perm = torch.randperm(6).tolist()
+    for x, out in ((images, mixed_i), (texts, mixed_t)):
+        ref = [
+            [
+                lam * a + (1 - lam) * b
+                for a, b in zip(x[i].tolist(), x[perm[i]].tolist(), strict=True)
+            ]
+            for i in range(6)
+        ]
+        for got, want in zip(out.tolist(), ref, strict=True):
+            assert got == pytest.approx(want, rel=1e-6)  # lambda is a float32 draw
+    assert 0 < lam < 1 and sorted(perm) == list(range(6)) and perm != list(range(6))
+
+
+def test_repblend_inner_loss_keeps_the_target_similarity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The student loss sees blended features but the unchanged S sub-matrix of the batch."""
+    cfg = compose(
+        "distill",
+        ["method=repblend", "device=cpu", "dataset.split_sizes=[40,20,20]", *FEATURE],
+    )
+    run = Run(tmp_path, "distill", "cpu", 0)
+    ctx = distill_context(cfg, prepare(cfg, "cpu", run, None), 8, "cpu", run, None)
+    method = TrajectoryMatching(cfg.method)
+    assert method.blend_alpha == 1.0 and method.loss_name == "wbce"
+    method.logit_scale = 1.0
+    syn = method._synthetic(ctx, 7)
+    with torch.no_grad():  # a non-identity S, so "unchanged" means something
+        syn.similarity.right.normal_()
+    seen = {}
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        seen["t"] = targets
+        return logits.sum()
+
+    method.loss_fn = loss_fn
+    student = build_student(ctx.encoder, 0, None)
+    layout = ParamLayout.of(student)
+    idx = torch.tensor([4, 0, 6, 2])
+    data = (syn.images, syn.texts, syn.mask, syn.similarity)
+    method._inner_loss(_Embed(student), layout, layout.flatten(student), idx, data)
+    assert torch.equal(seen["t"], syn.similarity(idx))

@@ -323,3 +323,23 @@ def test_paper_presets_compose_and_dry_run(tmp_path: Path) -> None:
     info = json.loads(result.read_text())
     assert info["pairs"] == 5 and info["protocol"]["name"] == "paper_lors"
     assert info["protocol"]["selection"] == "best_test"
+
+
+@pytest.mark.parametrize("dataset", ["flickr30k", "coco"])
+def test_repblend_presets_freeze_the_image_trunk_and_use_their_own_protocol(dataset: str) -> None:
+    for pairs in (100, 200, 500):
+        cfg = compose_cfg(f"experiment=repblend_{dataset}_{pairs}", small=False)
+        lors = compose_cfg(f"experiment=lors_{dataset}_{pairs}", small=False)
+        assert cfg.method.name == "repblend" and cfg.method.blend_alpha == 1.0
+        assert not cfg.encoder.train_image_trunk and cfg.encoder.head.image == "projection"
+        assert cfg.eval.name == "paper_repblend" and cfg.eval.selection == "best_test"
+        for key in ("lr_img", "lr_sim", "sim_rank", "iterations", "syn_steps"):
+            assert cfg.method[key] == lors.method[key], key
+        assert cfg.method.batch_syn == (20 if pairs == 500 else lors.method.batch_syn)
+
+
+def test_repblend_needs_frozen_trunks(tmp_path: Path) -> None:
+    ctx = context(tmp_path, compose_cfg("method=repblend"))  # tiny trains both trunks
+    with pytest.raises(UserError, match="train_image_trunk=false") as err:
+        get_method("repblend")(compose_cfg("method=repblend").method).distill(ctx)
+    assert "\n" not in str(err.value)

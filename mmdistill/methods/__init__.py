@@ -19,6 +19,7 @@ METHODS: Registry = Registry(
         "mtt_lora": TrajectoryMatching,
         "tesla": TrajectoryMatching,
         "lors": TrajectoryMatching,
+        "repblend": TrajectoryMatching,
         "covmatch": CovMatch,
         "mdw": MDW,
     },

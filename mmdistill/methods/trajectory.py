@@ -202,6 +202,10 @@ class TrajectoryMatching:
         self.loss_name = str(cfg.student_loss)
         self.loss_fn = LOSSES.get(self.loss_name)
         self.similarity_kind = cfg.get("similarity") or None
+        blend_alpha = cfg.get("blend_alpha")
+        self.blend_alpha = None if blend_alpha is None else float(blend_alpha)
+        if self.blend_alpha is not None and self.blend_alpha <= 0:
+            raise UserError(f"method.blend_alpha={blend_alpha} must be > 0 (RepBlend: 1.0)")
         self.syn_steps = int(cfg.syn_steps)
         self.expert_epochs = int(cfg.expert_epochs)
         self.max_start_epoch = int(cfg.max_start_epoch)
@@ -257,7 +261,10 @@ class TrajectoryMatching:
         images, texts, mask, similarity = data
         params = {f"student.{k}": v for k, v in layout.unflatten(theta).items()}
         m = None if mask is None else mask[idx]
-        zi, zt = functional_call(embed, params, (images[idx], texts[idx], m))
+        batch_images, batch_texts = images[idx], texts[idx]
+        if self.blend_alpha is not None:
+            batch_images, batch_texts = blend(batch_images, batch_texts, self.blend_alpha)
+        zi, zt = functional_call(embed, params, (batch_images, batch_texts, m))
         logits = self.logit_scale * zi @ zt.T
         targets = None if similarity is None else similarity(idx)
         return self.loss_fn(logits, targets)
@@ -366,6 +373,13 @@ class TrajectoryMatching:
             raise UserError(f"{self.name} needs at least 2 synthetic pairs; raise budget.pairs")
         if ctx.expert is None:
             raise UserError(f"{self.name} needs the expert settings (conf/expert); compose them")
+        frozen = ctx.encoder.image_space == "feature" and ctx.encoder.text_space == "feature"
+        if self.blend_alpha is not None and not frozen:
+            raise UserError(
+                f"{self.name} blends frozen-trunk features and matches only the projections, "
+                f"but encoder {ctx.encoder.name} trains a trunk; set "
+                "encoder.train_image_trunk=false encoder.train_text_trunk=false"
+            )
         need = self.max_start_epoch - 1 + self.expert_epochs
         if int(ctx.expert.epochs) < need:
             raise UserError(
@@ -585,6 +599,16 @@ class TrajectoryMatching:
             f"distilled set is in {path}.safetensors; lower method.lr_img / method.lr_txt "
             f"(now {self.cfg.lr_img} / {self.cfg.lr_txt}) or method.lr_lr"
         )
+
+
+def blend(images: Tensor, texts: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """RepBlend's representation blending: one lambda ~ Beta(alpha, alpha) and one permutation
+    pi mix both modalities' frozen-trunk features, x -> lambda x + (1 - lambda) x[pi], so a
+    blended image still pairs with the blended text of the same index; the target similarity
+    is left as it is. Drawn from the global generator, so TESLA's replay redraws the same."""
+    lam = torch.distributions.Beta(alpha, alpha).sample().to(images.device)
+    perm = torch.randperm(images.shape[0]).to(images.device)
+    return lam * images + (1 - lam) * images[perm], lam * texts + (1 - lam) * texts[perm]
 
 
 def _double_backward_attention() -> contextlib.AbstractContextManager:
