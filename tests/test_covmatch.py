@@ -334,9 +334,12 @@ def test_divergence_stops_with_a_hint_and_keeps_the_last_good_set(tmp_path: Path
     assert state["step"] == 0 and torch.isfinite(tensors["images"]).all()
 
 
-def test_pixel_space_covmatch_beats_random_on_shapes(tmp_path: Path) -> None:
-    """Both tiny trunks trainable (pixels + token embeddings), the same students scoring the
-    distilled set and random real pairs of the same budget on shapes' test split."""
+def test_pixel_space_covmatch_improves_its_own_random_start_on_shapes(tmp_path: Path) -> None:
+    """Both tiny trunks trainable (pixels + token embeddings). CovMatch starts from the random
+    pairs of its seed (the `random` method's selection at that seed); the same students score
+    the distilled set and that start on shapes' test split. Step sizes were chosen on val
+    (scripts/tune_tiny_covmatch.py: val 21.5 vs its start 18.0); test: 10.8 vs 7.8. Against
+    the best of 3 random draws (test 10.8) it is level: see docs/results.md."""
     cfg = compose_cfg(
         "dataset.split_sizes=[400,100,200]",
         "eval.students=3",
@@ -346,9 +349,10 @@ def test_pixel_space_covmatch_beats_random_on_shapes(tmp_path: Path) -> None:
     assert (cfg.method.lr, cfg.method.lr_text) == (1e-4, 1e-5)  # tiny's covmatch_lr
     ctx, prep = context(tmp_path, cfg, 20)
     torch.set_num_threads(1)
-    scores = {}
+    scores, sets = {}, {}
     for name in ("covmatch", "random"):
-        pairs = get_method(name)(cfg.method).distill(ctx)
-        res = run_protocol(prep.encoder, pairs, cfg.eval, prep.test, prep.val, "cpu", 0)
+        sets[name] = get_method(name)(cfg.method).distill(ctx)
+        res = run_protocol(prep.encoder, sets[name], cfg.eval, prep.test, prep.val, "cpu", 0)
         scores[name] = res.summary["r_mean"]["mean"]
-    assert scores["covmatch"] > scores["random"] + 1.5, scores  # measured 11.1 vs 8.1
+    assert sets["covmatch"].meta["init_pairs"] == sets["random"].meta["source_pairs"]
+    assert scores["covmatch"] > scores["random"] + 1.5, scores
