@@ -21,6 +21,7 @@ METHODS: Registry = Registry(
         "lors": TrajectoryMatching,
         "repblend": TrajectoryMatching,
         "covmatch": CovMatch,
+        "covmatch_robust": CovMatch,
         "mdw": MDW,
     },
 )

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,11 @@ from torch import Tensor, nn
 
 from mmdistill.errors import UserError
 from mmdistill.methods.base import DistillContext
+from mmdistill.methods.mdw_dual_track import (
+    DualTrackSettings,
+    cached_detection,
+    detection_scores,
+)
 from mmdistill.models.encoders import Encoder, Tokens
 from mmdistill.models.student import is_text_features
 from mmdistill.training.features import RealSplit
@@ -48,12 +55,70 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "covmatch"
 RESETS = ("fresh", "initial")
 PER_BUDGET = ("rho", "lambda", "steps", "syn_batch")
+WEIGHTINGS = ("soft", "hard")
+LOW_CLEAN_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class RobustSettings:
+    """`method.robust`: pair weights from clean-pair detection (our extension)."""
+
+    enabled: bool
+    weighting: str
+    threshold: float
+    rescale_rho: bool
+    clean_init: bool
+    dual: DualTrackSettings
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig | None) -> RobustSettings:
+        if cfg is None:
+            return cls(False, "soft", 0.5, True, True, DualTrackSettings())
+        s = cls(
+            enabled=bool(cfg.enabled),
+            weighting=str(cfg.weighting),
+            threshold=float(cfg.threshold),
+            rescale_rho=bool(cfg.rescale_rho),
+            clean_init=bool(cfg.clean_init),
+            dual=DualTrackSettings.from_cfg(cfg.get("dual")),
+        )
+        if s.weighting not in WEIGHTINGS:
+            raise UserError(f"method.robust.weighting={s.weighting!r}: choose soft or hard")
+        if not 0.0 < s.threshold < 1.0:
+            raise UserError(f"method.robust.threshold={s.threshold} must be in (0, 1)")
+        return s
+
+
+@dataclass
+class PairWeights:
+    """Each real pair's estimated clean probability, the weights and clean pool it gives."""
+
+    prob: Tensor  # [n_pairs]
+    weight: Tensor  # [n_pairs]: prob (soft) or prob > threshold (hard)
+    pool: Tensor  # pair indices with prob > threshold
+    report: dict[str, Any]
+
+    @property
+    def rho_scale(self) -> float:
+        """1 / the estimated share of clean pairs in the weighted statistics: shuffled pairs
+        add no expected cross-covariance, so they shrink C_real by that share."""
+        return float(self.weight.sum() / (self.weight * self.prob).sum().clamp(min=1e-12))
 
 
 def cross_covariance(v: Tensor, t: Tensor) -> Tensor:
     """Centred image-text cross-covariance `[D_v, D_t]` of a batch, divisor n - 1."""
     n = v.shape[0]
     return (v - v.mean(0)).T @ (t - t.mean(0)) / (n - 1)
+
+
+def weighted_statistics(v: Tensor, t: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted cross-covariance and means with reliability weights `w` (divisor
+    sum w - sum w^2 / sum w: with 0/1 weights, the n - 1 covariance of the kept pairs)."""
+    w = w.to(v.dtype)
+    total = w.sum()
+    mv, mt = (w @ v) / total, (w @ t) / total
+    cov = ((v - mv) * w[:, None]).T @ (t - mt) / (total - (w * w).sum() / total)
+    return cov, mv[None], mt[None]
 
 
 def _centred(x: Tensor) -> Tensor:
@@ -132,6 +197,44 @@ class CovMatch:
         if int(cfg.real_batch) < 2:
             raise UserError(f"method.real_batch={cfg.real_batch}: a covariance needs at least 2")
         self.cfg = cfg
+        self.robust = RobustSettings.from_cfg(cfg.get("robust"))
+
+    def pair_weights(self, ctx: DistillContext) -> PairWeights:
+        """Clean probabilities from dual-track detection (cached), the mean of both tracks'."""
+        r = self.robust
+        det = cached_detection(
+            ctx.encoder,
+            ctx.train,
+            ctx.dataset,
+            ctx.noise,
+            r.dual,
+            ctx.seed,
+            ctx.device,
+            ctx.cache_dir,
+            say=log.info,
+        )
+        prob = 0.5 * (det.prob[0] + det.prob[1])
+        clean = prob > r.threshold
+        weight = prob if r.weighting == "soft" else clean.float()
+        true_clean = None
+        mask = ctx.noise_mask
+        if mask is not None and len(mask.pair_clean) == ctx.train.n_pairs:
+            true_clean = mask.pair_clean
+        fraction = float(prob.mean())
+        report = {
+            "estimated_clean_fraction": round(fraction, 4),
+            "clean_pool": int(clean.sum()),
+            "detection": detection_scores(clean, true_clean),
+            "against_noise_mask": true_clean is not None,
+            "weighting": r.weighting,
+        }
+        if fraction < LOW_CLEAN_FRACTION:
+            log.warning(
+                "robust CovMatch: estimated clean fraction %.3f: almost every pair looks "
+                "mismatched; check the data, or set method.robust.enabled=false",
+                fraction,
+            )
+        return PairWeights(prob, weight, torch.nonzero(clean).flatten(), report)
 
     def settings(self, pairs: int, feature_space: bool = False) -> dict[str, object]:
         """The per-budget hyper-parameters, checked against the budget.
@@ -166,10 +269,21 @@ class CovMatch:
 
     # ------------------------------------------------------------------ synthetic state
 
-    def _init_synthetic(self, ctx: DistillContext, gen: torch.Generator) -> dict[str, Tensor]:
-        """Random real pairs: pixels or image features, token embeddings or text features."""
+    def _init_synthetic(
+        self, ctx: DistillContext, gen: torch.Generator, pool: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Random real pairs (of `pool`, the clean pool, when given): pixels or image features,
+        token embeddings or text features."""
         train, enc = ctx.train, ctx.encoder
-        idx = torch.randperm(train.n_pairs, generator=gen)[: ctx.pairs]
+        if pool is None:
+            idx = torch.randperm(train.n_pairs, generator=gen)[: ctx.pairs]
+        elif len(pool) < ctx.pairs:
+            raise UserError(
+                f"the clean pool holds {len(pool)} pairs, fewer than the {ctx.pairs} to distil; "
+                "lower method.robust.threshold or set method.robust.clean_init=false"
+            )
+        else:
+            idx = pool[torch.randperm(len(pool), generator=gen)[: ctx.pairs]]
         out = {"images": train.images[train.caption_image[idx]].float().clone(), "source": idx}
         if _token_text(train):
             _check_embeddable(enc)
@@ -201,9 +315,10 @@ class CovMatch:
         )
 
     def _full_statistics(
-        self, ctx: DistillContext
+        self, ctx: DistillContext, weights: PairWeights | None = None
     ) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
-        """Cross-covariance and means of all real pairs, when `real_stats` asks for them.
+        """Cross-covariance and means of all real pairs, when `real_stats` asks for them
+        (weighted by `weights` in robust mode).
 
         Only frozen trunks give fixed real features, so `full` (the default there: the exact
         expectation the paper estimates per batch) needs a feature-space encoder.
@@ -222,6 +337,9 @@ class CovMatch:
         train = ctx.train
         v = train.images[train.caption_image].float().to(ctx.device)
         t = train.texts.float().to(ctx.device)
+        if weights is not None:
+            cov, mv, mt = weighted_statistics(v, t, weights.weight.to(ctx.device))
+            return cov, (mv, mt)
         return cross_covariance(v, t), (v.mean(0, keepdim=True), t.mean(0, keepdim=True))
 
     # ------------------------------------------------------------------ main loop
@@ -232,10 +350,20 @@ class CovMatch:
         rho, lam, steps = float(s["rho"]), float(s["lambda"]), int(s["steps"])
         syn_batch = int(s["syn_batch"])
         gen = torch.Generator().manual_seed(ctx.seed)
-        syn = self._init_synthetic(ctx, gen)
+        weights = self.pair_weights(ctx) if self.robust.enabled else None
+        pool = None if weights is None else weights.pool
+        if weights is not None and len(pool) < 2:
+            raise UserError(
+                f"robust CovMatch found {len(pool)} clean pairs; lower method.robust.threshold "
+                "or set method.robust.enabled=false"
+            )
+        if weights is not None and self.robust.rescale_rho:
+            rho *= weights.rho_scale
+        syn = self._init_synthetic(ctx, gen, pool if self.robust.clean_init else None)
         real = ctx.train.pairset().to(ctx.device)  # on the device once, not per batch
+        n_real = len(real) if pool is None else len(pool)
         batches = Batches(
-            len(real), min(int(self.cfg.real_batch), len(real)), gen, device=ctx.device
+            len(real), min(int(self.cfg.real_batch), n_real), gen, pool=pool, device=ctx.device
         )
         start, history = 0, []
         saved = ctx.run.load_checkpoint(CHECKPOINT)
@@ -262,7 +390,7 @@ class CovMatch:
 
         if saved is None:
             checkpoint(0)  # the initial set is the last good one until the first checkpoint
-        real_cov, real_means = self._full_statistics(ctx)
+        real_cov, real_means = self._full_statistics(ctx, weights)
         reset_every, every = int(self.cfg.reset_every), int(self.cfg.checkpoint_every)
         log_every = int(self.cfg.log_every)
         task = (
@@ -353,6 +481,9 @@ class CovMatch:
                 "nearest_caption_index": nearest,
                 "nearest_captions": [ctx.train.captions[i] for i in nearest],
                 "loss_history": history,
+                "robust": None
+                if weights is None
+                else {**weights.report, "rho_scale": weights.rho_scale},
             },
         )
 

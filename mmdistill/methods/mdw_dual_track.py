@@ -38,6 +38,8 @@ tracks' clean probabilities) and `detection.json` (per-round scores, the final c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -60,6 +62,7 @@ from mmdistill.training.experts import (
     ParamLayout,
     buffer_dir,
     buffer_key,
+    split_fingerprint,
     train_expert,
 )
 from mmdistill.training.features import RealSplit
@@ -377,6 +380,46 @@ def detect_clean_pairs(
             + ", ".join(f"{a} {b:.3f}" for a, b in entry["consensus"].items())
         )
     return Detection((probs[0], probs[1]), history, time.perf_counter() - t0)
+
+
+def cached_detection(
+    encoder: Encoder,
+    train: RealSplit,
+    dataset_name: str,
+    noise: DictConfig | None,
+    dual: DualTrackSettings,
+    seed: int,
+    device: str,
+    cache_dir: Path,
+    true_clean: Tensor | None = None,
+    say: Callable[[str], None] = log.info,
+) -> Detection:
+    """`detect_clean_pairs`, run once per data, encoder, detection settings and seed and kept
+    under `<cache_dir>/detections/` (robust CovMatch reads it; MDW keeps its own copy beside
+    its experts, whose key also covers the expert settings)."""
+    enc = OmegaConf.to_container(encoder.cfg, resolve=True)
+    enc.pop("recipe", None)
+    parts = {
+        "version": ROBUST_VERSION,
+        "dataset": dataset_name,
+        "data": split_fingerprint(train),
+        "encoder": enc,
+        "noise": None if noise is None else OmegaConf.to_container(noise, resolve=True),
+        "dual": dual.as_dict(),
+        "seed": seed,
+    }
+    key = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir).expanduser() / "detections" / f"{dataset_name}-{encoder.name}-{key}"
+    tensors, info = path / "detection.safetensors", path / "detection.json"
+    if tensors.is_file() and info.is_file():
+        t = io.load_tensors(tensors)
+        saved = io.read_json(info)
+        return Detection((t["prob_a"], t["prob_b"]), saved["history"], saved["seconds"])
+    say("dual-track detection: cross-fitted co-teaching of two tracks")
+    det = detect_clean_pairs(encoder, train, dual, seed, device, true_clean, say)
+    io.save_tensors(tensors, {"prob_a": det.prob[0], "prob_b": det.prob[1]})
+    io.write_json(info, {"parts": parts, "history": det.history, "seconds": det.seconds})
+    return det
 
 
 def train_robust_expert(
