@@ -109,7 +109,9 @@ class Run:
         return (self.path / "done").is_file()
 
     def mark_done(self) -> None:
-        self.set(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.set(
+            status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), peaks=resource_peaks()
+        )
         io.write_text(self.path / "done", "")
 
     def fail(self, message: str) -> None:
@@ -138,3 +140,15 @@ def record_failure(run_dir: Path, message: str) -> None:
         info = io.read_json(meta)
         info.update(status="failed", error=message)
         io.write_json(meta, info)
+
+
+def resource_peaks() -> dict[str, float | None]:
+    """Peak host RSS of this process (MiB) and peak GPU memory allocated by torch (MiB, None
+    without CUDA): what a run cost at its high-water mark."""
+    import resource
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    gpu = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {"host_rss_mib": round(rss_kib / 1024, 1), "gpu_mib": gpu}
