@@ -202,6 +202,10 @@ class CovMatch:
     def pair_weights(self, ctx: DistillContext) -> PairWeights:
         """Clean probabilities from dual-track detection (cached), the mean of both tracks'."""
         r = self.robust
+        true_clean = None
+        mask = ctx.noise_mask
+        if mask is not None and len(mask.pair_clean) == ctx.train.n_pairs:
+            true_clean = mask.pair_clean
         det = cached_detection(
             ctx.encoder,
             ctx.train,
@@ -211,15 +215,12 @@ class CovMatch:
             ctx.seed,
             ctx.device,
             ctx.cache_dir,
+            true_clean,
             say=log.info,
         )
         prob = 0.5 * (det.prob[0] + det.prob[1])
         clean = prob > r.threshold
         weight = prob if r.weighting == "soft" else clean.float()
-        true_clean = None
-        mask = ctx.noise_mask
-        if mask is not None and len(mask.pair_clean) == ctx.train.n_pairs:
-            true_clean = mask.pair_clean
         fraction = float(prob.mean())
         report = {
             "estimated_clean_fraction": round(fraction, 4),
