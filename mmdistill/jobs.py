@@ -84,6 +84,14 @@ def prepare(cfg: DictConfig, device: str, run: Run, progress: Progress) -> Prepa
     return Prepared(encoder, splits["train"], splits["val"], splits["test"], data, mask)
 
 
+def scored_split(cfg: DictConfig, prep: Prepared) -> RealSplit:
+    """The split the students are scored on: test for reported rows, val while tuning."""
+    split = str(cfg.eval.get("split", "test"))
+    if split not in ("test", "val"):
+        raise UserError(f"eval.split={split!r}: choose test (reported rows) or val (tuning)")
+    return prep.test if split == "test" else prep.val
+
+
 def _evaluate_pairs(
     cfg: DictConfig, run: Run, prep: Prepared, pairs: PairSet, device: str, title: str
 ) -> dict:
@@ -95,7 +103,7 @@ def _evaluate_pairs(
             prep.encoder,
             pairs,
             cfg.eval,
-            prep.test,
+            scored_split(cfg, prep),
             prep.val,
             device,
             int(cfg.seed),
