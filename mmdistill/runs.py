@@ -60,8 +60,13 @@ class Run:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         meta_path = self.path / "meta.json"
+        saved = None
         if meta_path.is_file():
-            self.meta = io.read_json(meta_path)
+            saved = io.read_json(
+                meta_path, fix="delete it to resume without its timings", kind=dict
+            )
+        if saved is not None and "started" in saved:  # not just a failure before the start
+            self.meta = saved
             if self.meta.get("format") != RUN_FORMAT:
                 raise UserError(
                     f"{self.path} was written by another mmdistill version (run format "
@@ -123,18 +128,36 @@ class Run:
         io.save_tensors(d / f"{name}.safetensors", tensors)
         io.write_json(d / f"{name}.json", state)
 
+    def checkpoint_fix(self) -> str:
+        """What a damaged checkpoint's message tells the user to do."""
+        return (
+            f"this checkpoint is damaged: delete {self.path / 'checkpoints'} to restart the method"
+        )
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.safetensors"
+
     def load_checkpoint(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        d = self.path / "checkpoints"
-        t, s = d / f"{name}.safetensors", d / f"{name}.json"
+        t = self.checkpoint_path(name)
+        s = t.with_suffix(".json")
         if not (t.is_file() and s.is_file()):
             return None
-        return io.load_tensors(t), io.read_json(s)
+        fix = self.checkpoint_fix()
+        return io.load_tensors(t, fix=fix), io.read_json(s, fix=fix, kind=dict)
 
 
 def record_failure(run_dir: Path, message: str) -> None:
-    """Mark a run folder's meta.json failed, with the message (no-op before meta.json exists)."""
+    """Mark a run folder's meta.json failed, with the message (a stub before the run started).
+    A no-op without the folder, in a finished folder (never rewritten) and when meta.json itself
+    is unreadable (kept for the user to look at, as the error says)."""
     meta = Path(run_dir) / "meta.json"
+    if not Path(run_dir).is_dir() or (Path(run_dir) / "done").is_file():
+        return
+    info = {"format": RUN_FORMAT}
     if meta.is_file():
-        info = io.read_json(meta)
-        info.update(status="failed", error=message)
-        io.write_json(meta, info)
+        try:
+            info = io.read_json(meta, kind=dict)
+        except UserError:
+            return
+    info.update(status="failed", error=message)
+    io.write_json(meta, info)

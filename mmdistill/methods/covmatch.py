@@ -24,14 +24,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from mmdistill import io
 from mmdistill.errors import UserError
-from mmdistill.methods.base import DistillContext
+from mmdistill.methods.base import DistillContext, keep_partial, out_of_range, sane_bounds
 from mmdistill.models.encoders import Encoder, Tokens
 from mmdistill.models.student import Student
 from mmdistill.training.features import RealSplit
@@ -233,12 +235,14 @@ class CovMatch:
         syn_batch = int(s["syn_batch"])
         gen = torch.Generator().manual_seed(ctx.seed)
         syn = self._init_synthetic(ctx, gen)
+        self.bounds = sane_bounds(images=syn["images"], texts=syn["texts"])
         real = ctx.train.pairset()
         batches = RealBatches(len(real), min(int(self.cfg.real_batch), len(real)), gen)
         start, history = 0, []
         saved = ctx.run.load_checkpoint(CHECKPOINT)
         if saved is not None:
-            start, history = self._restore(saved, syn, gen, batches)
+            with io.reading(ctx.run.checkpoint_path(CHECKPOINT), ctx.run.checkpoint_fix()):
+                start, history = self._restore(saved, syn, gen, batches)
             log.info("covmatch: resuming at step %d of %d", start, steps)
         images = syn["images"].to(ctx.device).requires_grad_(True)
         texts = syn["texts"].to(ctx.device).requires_grad_(True)
@@ -296,12 +300,7 @@ class CovMatch:
             )
             grads = torch.autograd.grad(loss, [images, texts])
             if not (math.isfinite(loss.item()) and all(torch.isfinite(g).all() for g in grads)):
-                raise UserError(
-                    f"CovMatch loss became {loss.item()} at step {step}; the last good synthetic "
-                    f"set stays in {ctx.run.path / 'checkpoints'}; lower method.lr (now "
-                    f"{self.cfg.lr}, method.lr_text {self.cfg.lr_text}) and resume with "
-                    f"resume={ctx.run.path} method.lr=..."
-                )
+                self._diverged(ctx, step, f"the loss became {loss.item()}")
             images.grad, texts.grad = grads
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -325,6 +324,9 @@ class CovMatch:
             if task is not None:
                 ctx.progress.advance(task)
         sec_per_step = (time.perf_counter() - t0) / max(steps - start, 1)
+        far = out_of_range(self.bounds, images=images, texts=texts)
+        if far:
+            self._diverged(ctx, steps, far)
 
         images, texts = images.detach().cpu(), texts.detach().cpu()
         mask = None if mask is None else mask.cpu()
@@ -352,6 +354,26 @@ class CovMatch:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _diverged(self, ctx: DistillContext, step: int, what: str) -> NoReturn:
+        """Keep the last checkpoint (the initial set before the first) as the run's partial
+        distilled set, and stop with the fix."""
+        saved = ctx.run.load_checkpoint(CHECKPOINT)
+        assert saved is not None  # distill() saves step 0 before the first update
+        tensors, state = saved
+        pairs = PairSet(
+            images=tensors["images"],
+            texts=tensors["texts"],
+            text_mask=tensors.get("text_mask"),
+            meta={"method": "covmatch", "init_pairs": tensors["source"].tolist()},
+        )
+        path = keep_partial(ctx.run, pairs, what, step, int(state["step"]))
+        raise UserError(
+            f"CovMatch stopped at step {step}: {what}; the last good set (step {state['step']}) "
+            f"is saved as {path}, marked partial; lower method.lr (now {self.cfg.lr}, "
+            f"method.lr_text {self.cfg.lr_text}) and continue with resume={ctx.run.path} "
+            "method.lr=..."
+        )
+
     def _save(
         self,
         ctx: DistillContext,
@@ -378,6 +400,9 @@ class CovMatch:
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 tensors[f"momentum.{key}"] = buf
+        far = out_of_range(self.bounds, images=images, texts=texts)
+        if far:  # never checkpoint a diverged set: the previous checkpoint stays the last good
+            self._diverged(ctx, step, far)
         ctx.run.save_checkpoint(
             CHECKPOINT, tensors, {"step": step, "real_pos": batches.pos, "history": history}
         )
