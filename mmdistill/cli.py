@@ -117,7 +117,7 @@ def _job_app(verb: str) -> Callable[[], None]:
             if folder.state == "done":
                 console.print(f"already done, skipped: {run_dir}")
                 return
-            folder.accept(cfg, HydraConfig.instance().cfg, say=console.print)
+            folder.accept(cfg, HydraConfig.instance().cfg, say=logging.getLogger("mmdistill").info)
             JOBS[verb](cfg, run_dir, resolve_device(str(cfg.device)))
             console.print(f"run folder: {run_dir}")
         except UserError as err:

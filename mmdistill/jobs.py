@@ -179,7 +179,7 @@ def _finished_set(cfg: DictConfig, run: Run, n: int) -> PairSet | None:
     fix = f"delete {path}.safetensors and {path}.json to distil again"
     pairs = PairSet.load(path, fix=fix)
     if pairs.partial:
-        console.print(f"resuming: distillation continues; the partial set in {run.path} is kept")
+        log.info("resuming: distillation continues; the partial set in %s is kept", run.path)
         return None
     wanted = {
         "method": cfg.method.name,
@@ -193,7 +193,7 @@ def _finished_set(cfg: DictConfig, run: Run, n: int) -> PairSet | None:
             f"the distilled set in {run.path} was made with {saved}, not {wanted}; "
             "give a new hydra.run.dir for these settings"
         )
-    console.print(f"resuming: using the distilled set already in {run.path}")
+    log.info("resuming: using the distilled set already in %s", run.path)
     return pairs
 
 
@@ -297,7 +297,7 @@ def buffer(cfg: DictConfig, run_dir: Path, device: str) -> None:
                 Path(cfg.paths.cache_dir),
                 device,
                 indices=indices,
-                say=console.print,
+                say=log.info,
                 progress=progress,
             )
     wanted = indices if indices is not None else list(range(int(cfg.expert.num_experts)))

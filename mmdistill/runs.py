@@ -130,9 +130,7 @@ class Run:
 
     def checkpoint_fix(self) -> str:
         """What a damaged checkpoint's message tells the user to do."""
-        return (
-            f"this checkpoint is damaged: delete {self.path / 'checkpoints'} to restart the method"
-        )
+        return f"delete {self.path / 'checkpoints'} to restart the method from scratch"
 
     def checkpoint_path(self, name: str) -> Path:
         return self.path / "checkpoints" / f"{name}.safetensors"

@@ -538,7 +538,11 @@ def check(cfg: DictConfig | Mapping, verb: str) -> None:
         if key in rules:
             check_value(key, rules[key], _get(tree, key))
     known = sorted(rules)
-    for key, value in flatten(tree, rules):
+    # Keys set directly before those copied from them (`${...}`): an error names the key
+    # the user set, not one that repeats it.
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else tree
+    copied = {k for k, v in flatten(raw, rules) if isinstance(v, str) and "${" in v}
+    for key, value in sorted(flatten(tree, rules), key=lambda kv: kv[0] in copied):
         rule = rules.get(key)
         if rule is None:
             raise unknown_key(key, known, verb)

@@ -162,6 +162,9 @@ def read_caption_csv(path: Path, max_captions: int | None = None) -> dict[str, l
             "dataset.captions_file=..."
         )
     text = io.read_text(path, fix="re-save it as UTF-8 or fix that line", encoding="utf-8-sig")
+    if "\0" in text:  # binary junk; some Python versions' csv would pass it on as caption text
+        line = text[: text.index("\0")].count("\n") + 1
+        raise UserError(f"captions file {path} line {line} holds a NUL byte; fix that line")
     groups: dict[str, list[str]] = {}
     reader = csv.reader(stdio.StringIO(text, newline=""))
     try:
@@ -185,7 +188,7 @@ def read_caption_csv(path: Path, max_captions: int | None = None) -> dict[str, l
             if not image:
                 raise UserError(f"{where} has no image file name; fix or drop that row")
             groups.setdefault(image, []).append(_clean_caption(row[i_cap], where))
-    except csv.Error as err:  # a NUL byte, a field past the size limit, a stray quote
+    except csv.Error as err:  # a field past the size limit, a stray quote
         raise UserError(
             f"captions file {path} line {reader.line_num} is not a CSV row ({err}); fix it"
         ) from None
