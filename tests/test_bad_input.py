@@ -269,6 +269,11 @@ def test_resume_with_the_wrong_verb_or_folder(
         capsys, ["evaluate", f"resume={finished}"], "is a `distill` run folder", "mmdistill distill"
     )
     fails(capsys, ["distill", f"resume={tmp_path}"], "no .hydra/overrides.yaml there")
+    evaluated = tmp_path / "evaluated"
+    (evaluated / ".hydra").mkdir(parents=True)
+    (evaluated / ".hydra" / "config.yaml").write_text("verb: evaluate\nsource: /x\n")
+    (evaluated / ".hydra" / "overrides.yaml").write_text("- source=/x\n")
+    fails(capsys, ["distill", f"resume={evaluated}"], "is a `evaluate` run folder")
 
 
 def unfinished(finished: Path, where: Path) -> Path:
@@ -688,6 +693,26 @@ def test_damaged_expert_buffer(
         assert "trained again" in line
     finally:
         path.write_bytes(intact)
+
+
+def test_divergence_keeps_a_partial_set_that_evaluate_reads(
+    capsys: pytest.CaptureFixture, expert_buffer: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """TESLA at lr_img 1e12 stays finite but leaves the real data's range: one line, and the
+    last checkpoint is the run's distilled set, flagged partial and readable."""
+    _, args = expert_buffer
+    run = tmp_path / "run"
+    command = ["distill", *args, "method.lr_img=1e12", "method.checkpoint_every=1"]
+    line = fails(capsys, [*command, f"hydra.run.dir={run}"], "tesla stopped at iteration")
+    assert "reach |x|" in line and "marked partial" in line and "lower method.lr_img" in line
+    assert io.read_json(run / "distilled.json")["partial"] is True
+    assert io.read_json(run / "meta.json")["status"] == "failed"
+    evaluate = ["evaluate", f"source={run}", *args[:1], "eval.students=1", "eval.steps=2"]
+    code, err = run_cli(
+        capsys, *evaluate, *FEATURES, "device=cpu", f"hydra.run.dir={tmp_path / 'e'}"
+    )
+    assert code == 0, err
+    assert io.read_json(tmp_path / "e" / "results.json")["partial"]["stopped_at"] == 1
 
 
 def test_damaged_feature_cache_entry_is_rebuilt_with_one_warning(
