@@ -52,7 +52,7 @@ def _one_line(err: Exception) -> str:
 
 
 def _composition_error(
-    verb: str, err: Exception, overrides: list[str], retry: bool = True
+    verb: str, err: Exception, overrides: list[str], suggest: bool = True
 ) -> UserError:
     """Hydra's multi-line composition errors as one line naming the fix."""
     text = str(err)
@@ -61,10 +61,10 @@ def _composition_error(
         if key.startswith("hydra."):
             return UserError(f"unknown key {key}; see `mmdistill {verb} --hydra-help`")
         known: list[str] = []
-        if retry:  # the keys this config does have, for a suggestion
+        if suggest:  # the keys this config does have, for a "did you mean"
             rest = [o for o in overrides if schema_key(o) != key]
             try:
-                tree = OmegaConf.to_container(_compose_one(verb, rest, retry=False))
+                tree = OmegaConf.to_container(_compose_one(verb, rest, suggest=False))
                 known = sorted(schema.rules_for(tree, verb))
             except UserError:
                 pass
@@ -91,7 +91,7 @@ def schema_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _compose_one(verb: str, overrides: list[str], retry: bool = True) -> DictConfig:
+def _compose_one(verb: str, overrides: list[str], suggest: bool = True) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -99,7 +99,7 @@ def _compose_one(verb: str, overrides: list[str], retry: bool = True) -> DictCon
     try:
         return hydra_compose(verb, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        raise _composition_error(verb, err, overrides, retry) from None
+        raise _composition_error(verb, err, overrides, suggest) from None
 
 
 def _expand(verb: str, overrides: list[str], multirun: bool) -> list[list[str]]:

@@ -217,7 +217,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
             f"source={source} holds no distilled.safetensors; point it at a distill run folder"
         )
     pairs = PairSet.load(
-        source / "distilled", fix="restore it, or distil that run folder again (resume=...)"
+        source / "distilled", fix="restore it from a copy, or distil again into a new run folder"
     )
     run = Run(run_dir, "evaluate", device, int(cfg.seed))
     run.set(source=str(source))
