@@ -73,6 +73,7 @@ class Run:
                     f"{self.meta.get('format')}, this one reads {RUN_FORMAT}); start a new run"
                 )
             self.meta["resumed"] = self.meta.get("resumed", 0) + 1
+            self.meta.pop("error", None)  # the failure this run resumes from is over
         else:
             self.meta = {
                 "format": RUN_FORMAT,

@@ -588,11 +588,12 @@ class TrajectoryMatching:
                 syn.restore(_prefixed(saved[0], "syn."))
                 at = int(saved[1]["iteration"])
         path = keep_partial(ctx.run, syn.pairset(self.loss_name, meta), what, iteration, at)
+        knob = "method.lr_txt" if "texts" in what else "method.lr_img"
         raise UserError(
             f"{self.name} stopped at iteration {iteration}: {what}; the last good set "
             f"(iteration {at}) is saved as {path}, marked partial; lower method.lr_img / "
             f"method.lr_txt (now {self.cfg.lr_img} / {self.cfg.lr_txt}) or method.lr_lr and "
-            f"continue with resume={ctx.run.path} method.lr_img=..."
+            f"continue with resume={ctx.run.path} {knob}=..."
         )
 
 
