@@ -12,11 +12,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mmdistill import config, io, relaunch, schema
 from mmdistill.config import conf_dir, register_resolvers
 from mmdistill.errors import UserError
+from mmdistill.sweeps import job_args
 
 JOB_VERBS = ("distill", "train", "evaluate", "buffer")
 FOLDER_VERBS = ("table", "export")
+# Hydra flags that only print: their command composes no job, or shows the config as given.
+HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+CFG_FLAGS = {"--cfg", "-c"}
 USAGE = """usage: mmdistill <verb> [options]
 
 job verbs (Hydra apps; `mmdistill <verb> --help` lists config groups and overrides):
@@ -52,8 +57,8 @@ def check_choices(args: list[str], conf: Path) -> None:
                 raise UserError(f"unknown {key} {v!r}; choose one of: {', '.join(choices)}")
 
 
-def resume_args(args: list[str]) -> list[str]:
-    """`resume=<run dir>` re-runs that folder's own overrides in place."""
+def resume_args(verb: str, args: list[str]) -> list[str]:
+    """`resume=<run dir>` re-runs that folder's own overrides in place (plus the new ones)."""
     out = []
     for arg in args:
         if not arg.startswith("resume="):
@@ -65,14 +70,30 @@ def resume_args(args: list[str]) -> list[str]:
             raise UserError(
                 f"resume={run}: no .hydra/overrides.yaml there; point it at a run folder"
             )
-        import yaml
-
-        previous = [
-            o for o in yaml.safe_load(saved.read_text()) or [] if not o.startswith("resume=")
-        ]
+        fix = "the run cannot be resumed; start a new one"
+        made_with = run / ".hydra" / "config.yaml"
+        tree = io.read_yaml(made_with, fix) if made_with.is_file() else None
+        made_by = tree.get("verb") if isinstance(tree, dict) else None
+        if made_by is not None and made_by != verb:
+            raise UserError(
+                f"resume={run} is a `{made_by}` run folder; continue it with "
+                f"`mmdistill {made_by} resume={run}`"
+            )
+        saved_overrides = io.read_yaml(saved, fix) or []
+        if not isinstance(saved_overrides, list):
+            raise io.damaged(saved, "not a list of overrides", fix)
+        previous = [str(o) for o in saved_overrides if not str(o).startswith("resume=")]
         out = previous + out + [f"hydra.run.dir={run}", f"resume={run}"]
     # Flags (--cfg job, -m) go after all overrides, as Hydra expects.
-    return [a for a in out if "=" in a] + [a for a in out if "=" not in a]
+    return [a for a in out if config.is_override(a)] + [a for a in out if not config.is_override(a)]
+
+
+def _run_dir(args: list[str]) -> Path | None:
+    """The folder a single run writes to, when the command names it (`hydra.run.dir=`)."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    if not given or "${" in given[-1]:
+        return None
+    return Path(given[-1]).expanduser()
 
 
 def _job_app(verb: str) -> Callable[[], None]:
@@ -92,10 +113,14 @@ def _job_app(verb: str) -> Callable[[], None]:
 
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir)
+        multirun = hc.mode == RunMode.MULTIRUN
         try:
-            if (run_dir / "done").is_file():
+            schema.check(cfg, verb)
+            folder = relaunch.check(run_dir, cfg, resuming=cfg.get("resume") is not None)
+            if folder.state == "done":
                 console.print(f"already done, skipped: {run_dir}")
                 return
+            folder.accept(cfg, HydraConfig.instance().cfg, say=logging.getLogger("mmdistill").info)
             device = resolve_device(str(cfg.device))
             precision.configure(str(cfg.get("precision", "auto")), device)
             try:
@@ -108,23 +133,45 @@ def _job_app(verb: str) -> Callable[[], None]:
                 ) from None
             console.print(f"run folder: {run_dir}")
         except UserError as err:
-            record_failure(run_dir, str(err))
-            if hc.mode == RunMode.MULTIRUN:
+            if not isinstance(err, relaunch.RunConflict):
+                record_failure(run_dir, str(err))
+            if multirun:
                 console.print(f"[red]job failed[/red] ({run_dir}): {err}")
                 return
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except Exception as err:
-            if hc.mode != RunMode.MULTIRUN:
+            record_failure(run_dir, f"{type(err).__name__}: {err}")
+            if not multirun:
                 raise
             # One crashing job must not stop the sweep; it is listed when the sweep ends.
             logging.getLogger("mmdistill").exception("job failed")
-            record_failure(run_dir, f"{type(err).__name__}: {err}")
             console.print(
                 f"[red]job failed[/red] ({run_dir}): {type(err).__name__}: {err}", soft_wrap=True
             )
 
     return app
+
+
+def _run_job_verb(verb: str, args: list[str]) -> None:
+    check_choices(args, conf_dir())
+    args = job_args(verb, resume_args(verb, args))
+    flags = [a for a in args if not config.is_override(a)]
+    printing = bool(CFG_FLAGS.intersection(flags))
+    if not HELP_FLAGS.intersection(flags):
+        configs = config.job_configs(verb, args, check=not printing)
+        multirun = any(a in config.MULTIRUN_FLAGS for a in flags)
+        run_dir = _run_dir(args)
+        if run_dir is not None and not multirun and not printing:
+            resuming = any(a.startswith("resume=") for a in args)
+            if relaunch.check(run_dir, configs[0], resuming).state == "done":
+                from mmdistill.console import console
+
+                console.print(f"already done, skipped: {run_dir}")
+                return
+    register_resolvers()
+    sys.argv = [f"mmdistill-{verb}", *args]
+    _job_app(verb)()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,13 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("root").setLevel(logging.ERROR)
     try:
         if verb in JOB_VERBS:
-            check_choices(args, conf_dir())
-            from mmdistill.sweeps import job_args
-
-            args = job_args(verb, resume_args(args))
-            register_resolvers()
-            sys.argv = [f"mmdistill-{verb}", *args]
-            _job_app(verb)()
+            _run_job_verb(verb, args)
         elif verb in FOLDER_VERBS:
             from mmdistill.jobs import FOLDER_JOBS
 

@@ -1,13 +1,19 @@
 """Job configs: where the Hydra config tree lives, its resolvers, composing a job's config in
-code (tests, scripts), and reading back the config a run folder was made with."""
+code (tests, scripts), composing and checking every job of a command before it launches, and
+reading back the config a run folder was made with."""
 
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmdistill import io, schema
 from mmdistill.errors import UserError
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def conf_dir() -> Path:
@@ -41,10 +47,123 @@ def compose(verb: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfi
         return hydra_compose(verb, overrides=list(overrides))
 
 
+def _one_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _composition_error(
+    verb: str, err: Exception, overrides: list[str], suggest: bool = True
+) -> UserError:
+    """Hydra's multi-line composition errors as one line naming the fix."""
+    text = str(err)
+    if m := re.search(r"Could not override '([^']+)'", text):
+        key = m.group(1)
+        if key.startswith("hydra."):
+            return UserError(f"unknown key {key}; see `mmdistill {verb} --hydra-help`")
+        known: list[str] = []
+        if suggest:  # the keys this config does have, for a "did you mean"
+            rest = [o for o in overrides if schema_key(o) != key]
+            try:
+                tree = OmegaConf.to_container(_compose_one(verb, rest, suggest=False))
+                known = sorted(schema.rules_for(tree, verb))
+            except UserError:
+                pass
+        return schema.unknown_key(key, known, verb)
+    if m := re.search(r"An item is already at '([^']+)'", text):
+        return UserError(f"+{m.group(1)}=... adds a key that exists; drop the + to change it")
+    if m := re.search(r"Could not delete from config. '([^']+)' does not exist", text):
+        return UserError(f"~{m.group(1)} deletes a key this config does not have")
+    if m := re.search(r"Ambiguous value for argument '([^']+)'", text):
+        return UserError(
+            f"{m.group(1)} lists several values: add -m to sweep over them, or write "
+            "key=[a,b] for a list"
+        )
+    return UserError(f"cannot compose the config: {_one_line(err)}")
+
+
+def is_override(arg: str) -> bool:
+    """A config override (`k=v`, `+k=v`, `~k`), as opposed to a flag (`-m`, `--cfg`, `job`)."""
+    return ("=" in arg and not arg.startswith("-")) or arg.startswith("~")
+
+
+def schema_key(override: str) -> str:
+    """The config key an override sets (`+eval.x=1` -> `eval.x`)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _compose_one(verb: str, overrides: list[str], suggest: bool = True) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return hydra_compose(verb, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise _composition_error(verb, err, overrides, suggest) from None
+
+
+def _expand(verb: str, overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job the command launches (Hydra's basic sweeper's product)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    try:
+        parsed = parser.parse_overrides(overrides)
+    except HydraException as err:
+        bad = next((o for o in overrides if _unparsable(parser, o)), overrides[0])
+        raise UserError(f"cannot read the override {bad!r}: {_one_line(err)}") from None
+    lists = []
+    for o in parsed:
+        key = o.get_key_element()
+        if not (multirun and o.is_sweep_override()):
+            lists.append([o.input_line])
+        elif o.is_discrete_sweep():
+            lists.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            raise UserError(
+                f"{o.input_line}: a sweep takes a list of values, range(...) or glob(...)"
+            )
+    return [list(job) for job in itertools.product(*lists)]
+
+
+def _unparsable(parser: object, override: str) -> bool:
+    from hydra.errors import HydraException
+
+    try:
+        parser.parse_overrides([override])  # type: ignore[attr-defined]
+    except HydraException:
+        return True
+    return False
+
+
+def job_configs(verb: str, args: list[str], check: bool = True) -> list[DictConfig]:
+    """Compose and check (`schema.check`) the config of every job `mmdistill <verb> <args>`
+    would run, before any of them starts: a bad value in one job of a sweep stops the sweep
+    before its first job."""
+    from hydra import initialize_config_dir
+
+    overrides = [a for a in args if is_override(a)]
+    multirun = any(a in MULTIRUN_FLAGS for a in args)
+    register_resolvers()
+    configs = []
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        for job in _expand(verb, overrides, multirun):
+            cfg = _compose_one(verb, job)
+            if check:
+                schema.check(cfg, verb)
+            configs.append(cfg)
+    return configs
+
+
 def run_config(run_dir: Path) -> DictConfig:
     """The composed config a run folder was made with (`.hydra/config.yaml`)."""
     saved = Path(run_dir) / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise UserError(f"{run_dir} has no .hydra/config.yaml; point at a run folder")
     register_resolvers()
-    return OmegaConf.load(saved)
+    tree = io.read_yaml(saved, fix="the run's config cannot be recovered; run it again")
+    if not isinstance(tree, dict):
+        raise io.damaged(saved, "not a config mapping", "the run's config cannot be recovered")
+    return OmegaConf.create(tree)

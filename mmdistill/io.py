@@ -1,18 +1,32 @@
-"""Atomic file writes (temp file + rename) and safe tensor loading: no pickle anywhere."""
+"""Atomic file writes (temp file + rename) and the one guarded reader for every kind of file we
+load: JSON, YAML, text, images and safetensors. No pickle anywhere.
+
+A reader that fails raises a one-line `UserError` naming the file, what is wrong with it and
+the fix the caller supplies ("delete <file>, it will be rebuilt"). torch, safetensors and PIL
+are imported on first use, so the CLI's config checks stay fast.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from mmdistill.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch import Tensor
+
+# What a damaged file's message suggests when the caller has nothing more specific.
+DEFAULT_FIX = "restore it or delete it"
 
 
-def _atomic(path: Path, write: Any) -> None:
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,18 +52,131 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+def damaged(path: Path, why: str, fix: str = DEFAULT_FIX) -> UserError:
+    """The one-line error for a file that cannot be used."""
+    return UserError(f"{path} is damaged ({_one_line(why)}): {fix}")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def read_bytes(path: Path, fix: str = DEFAULT_FIX) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {fix}")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise damaged(path, f"cannot read it: {err.strerror or err}", fix) from None
+
+
+def read_text(path: Path, fix: str = DEFAULT_FIX, encoding: str = "utf-8") -> str:
+    """A UTF-8 text file; bytes that are not UTF-8 are reported with their line number."""
+    data = read_bytes(path, fix)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UserError(
+            f"{path} line {line} is not UTF-8 text (byte {data[err.start]:#04x}): {fix}"
+        ) from None
+
+
+def read_json(path: Path, fix: str = DEFAULT_FIX, kind: type | None = None) -> Any:
+    """Parse a JSON file; `kind` (dict, list) is the top-level type the caller needs."""
+    text = read_text(path, fix)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise damaged(path, f"not valid JSON, line {err.lineno}: {err.msg}", fix) from None
+    if kind is not None and not isinstance(obj, kind):
+        raise damaged(path, f"a JSON {type(obj).__name__}, not a {kind.__name__}", fix)
+    return obj
+
+
+def read_yaml(path: Path, fix: str = DEFAULT_FIX) -> Any:
+    import yaml
+
+    text = read_text(path, fix)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise damaged(path, f"not valid YAML: {str(err).splitlines()[0]}", fix) from None
+
+
+def read_image(source: str | Path | bytes, name: str, fix: str) -> Image.Image:
+    """Decode one image (a file or its bytes) fully, as RGB. PIL reports damage in many ways
+    (UnidentifiedImageError, OSError "truncated", SyntaxError for broken PNGs, ValueError),
+    so every failure of the decode is this image's."""
+    import io as stdio
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        handle = stdio.BytesIO(source) if isinstance(source, bytes) else str(source)
+        with Image.open(handle) as image:
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        empty = len(source) == 0 if isinstance(source, bytes) else Path(source).stat().st_size == 0
+        why = "an empty file" if empty else "not an image format PIL can read"
+    except Exception as err:  # noqa: BLE001 - any decode failure is this file's damage
+        why = _one_line(err) or type(err).__name__
+    raise UserError(f"image {name} is not a readable image ({why}): {fix}")
 
 
 def save_tensors(
     path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (tensors made contiguous and detached)."""
+    from safetensors.torch import save_file
+
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
 
 
-def load_tensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
-    return load_file(str(path), device=device)
+def load_tensors(
+    path: Path, device: str = "cpu", fix: str = DEFAULT_FIX, need: tuple[str, ...] = ()
+) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file; `need` names tensors that must be there."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {fix}")
+    try:
+        tensors = load_file(str(path), device=device)
+    except (SafetensorError, OSError) as err:
+        raise damaged(path, f"not a readable safetensors file: {err}", fix) from None
+    missing = [k for k in need if k not in tensors]
+    if missing:
+        raise damaged(path, f"it has no tensor {', '.join(missing)}", fix)
+    return tensors
+
+
+@contextlib.contextmanager
+def open_tensors(path: Path, fix: str = DEFAULT_FIX) -> Iterator[Any]:
+    """A lazily read safetensors file (safe_open), its read errors reported as damage."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError, KeyError) as err:
+        raise damaged(path, f"not a readable safetensors file: {err}", fix) from None
+
+
+@contextlib.contextmanager
+def reading(path: Path, fix: str = DEFAULT_FIX) -> Iterator[None]:
+    """Use what was read from `path` (a checkpoint being restored, say): a missing field or a
+    value of the wrong type or shape means the file is damaged. `UserError`s pass through."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        why = f"missing {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise damaged(path, why, fix) from None

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -63,10 +64,20 @@ class Prepared:
     noise_mask: NoiseMask | None  # which training pairs the noise corrupted (None: clean data)
 
 
-def prepare(cfg: DictConfig, device: str, run: Run, progress: Progress) -> Prepared:
-    """Read the dataset, apply noise, build the encoder and the real splits (cached)."""
+def prepare(
+    cfg: DictConfig,
+    device: str,
+    run: Run,
+    progress: Progress | None,
+    check: Callable[[ImageTextSet], None] | None = None,
+) -> Prepared:
+    """Read the dataset, apply noise, build the encoder and the real splits (cached).
+    `check` sees the data before anything is encoded (a budget larger than the data fails
+    there, not after minutes of feature encoding)."""
     with run.timed("data"):
         data, mask = apply_noise(build_dataset(cfg.dataset), cfg.noise)
+        if check is not None:
+            check(data)
         if mask is not None:
             save_mask(run.path, mask)
         encoder = build_encoder(cfg.encoder)
@@ -97,7 +108,10 @@ def _evaluate_pairs(
 ) -> dict:
     """Train the protocol's students (resuming finished ones), write results and recall.md."""
     partial = run.path / "students.json"
-    done = io.read_json(partial) if partial.is_file() else []
+    fix = "delete it; its students are trained again"
+    done = io.read_json(partial, fix=fix, kind=list) if partial.is_file() else []
+    if not all(isinstance(s, dict) and "r_mean" in s for s in done):
+        raise io.damaged(partial, "a student record without its recalls", fix)
     with run.timed("evaluate"):
         res = run_protocol(
             prep.encoder,
@@ -127,6 +141,8 @@ def _evaluate_pairs(
         "students": res.students,
         "summary": res.summary,
     }
+    if pairs.partial:  # a set kept when its distillation stopped early
+        results["partial"] = pairs.meta["partial"]
     io.write_json(run.path / "results.json", results)
     io.write_text(run.path / "recall.md", recall.markdown(title, res.summary, len(res.students)))
     recall.print_table(console, title, res.summary, len(res.students))
@@ -135,15 +151,15 @@ def _evaluate_pairs(
 
 def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
     run = Run(run_dir, "distill", device, int(cfg.seed))
+    method = get_method(cfg.method.name)(cfg.method)  # checks its settings before any data
     with progress_bar() as progress:
-        prep = prepare(cfg, device, run, progress)
+        prep = prepare(
+            cfg, device, run, progress, check=lambda d: resolve_budget(cfg.budget, d.train.n_pairs)
+        )
         n = resolve_budget(cfg.budget, prep.train.n_pairs)
-        method = get_method(cfg.method.name)(cfg.method)
         distilled = run.path / "distilled"
-        if distilled.with_suffix(".safetensors").is_file():
-            console.print(f"resuming: using the distilled set already in {run.path}")
-            pairs = PairSet.load(distilled)
-        else:
+        pairs = _finished_set(cfg, run, n)
+        if pairs is None:
             ctx = distill_context(cfg, prep, n, device, run, progress)
             with run.timed("distill"):
                 pairs = method.distill(ctx)
@@ -165,6 +181,33 @@ def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
     run.mark_done()
 
 
+def _finished_set(cfg: DictConfig, run: Run, n: int) -> PairSet | None:
+    """The distilled set a resumed run already holds, checked against this command; None when
+    there is none, or only a partial one (distillation continues from its checkpoint)."""
+    path = run.path / "distilled"
+    if not path.with_suffix(".safetensors").is_file():
+        return None
+    fix = f"delete {path}.safetensors and {path}.json to distil again"
+    pairs = PairSet.load(path, fix=fix)
+    if pairs.partial:
+        log.info("resuming: distillation continues; the partial set in %s is kept", run.path)
+        return None
+    wanted = {
+        "method": cfg.method.name,
+        "budget": n,
+        "dataset": cfg.dataset.name,
+        "encoder": cfg.encoder.name,
+    }
+    saved = {k: pairs.meta.get(k) for k in wanted}
+    if saved != wanted:
+        raise UserError(
+            f"the distilled set in {run.path} was made with {saved}, not {wanted}; "
+            "give a new hydra.run.dir for these settings"
+        )
+    log.info("resuming: using the distilled set already in %s", run.path)
+    return pairs
+
+
 def train(cfg: DictConfig, run_dir: Path, device: str) -> None:
     """Full-data students: the upper-bound row every method is measured against."""
     run = Run(run_dir, "train", device, int(cfg.seed))
@@ -184,7 +227,9 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
         raise UserError(
             f"source={source} holds no distilled.safetensors; point it at a distill run folder"
         )
-    pairs = PairSet.load(source / "distilled")
+    pairs = PairSet.load(
+        source / "distilled", fix="restore it from a copy, or distil again into a new run folder"
+    )
     run = Run(run_dir, "evaluate", device, int(cfg.seed))
     run.set(source=str(source))
     with progress_bar() as progress:
@@ -246,8 +291,6 @@ def buffer(cfg: DictConfig, run_dir: Path, device: str) -> None:
     run = Run(run_dir, "buffer", device, int(cfg.seed))
     index = cfg.expert.get("index")
     indices = None if index is None else [int(index)]
-    if indices is not None and not 0 <= indices[0]:
-        raise UserError(f"expert.index={index} must be >= 0")
     with progress_bar() as progress:
         prep = prepare(cfg, device, run, progress)
         with run.timed("experts"):
@@ -261,11 +304,14 @@ def buffer(cfg: DictConfig, run_dir: Path, device: str) -> None:
                 Path(cfg.paths.cache_dir),
                 device,
                 indices=indices,
-                say=console.print,
+                say=log.info,
                 progress=progress,
             )
     wanted = indices if indices is not None else list(range(int(cfg.expert.num_experts)))
-    experts = [json.loads(buf.metadata(i).get("stats", "{}")) for i in wanted]
+    experts = []
+    for i in wanted:
+        with io.reading(buf.expert_path(i), f"delete it; expert {i} is trained again"):
+            experts.append(json.loads(buf.metadata(i).get("stats", "{}")))
     io.write_json(
         run.path / "buffer.json", {"path": str(buf.path), "key": buf.key, "experts": experts}
     )
@@ -284,9 +330,16 @@ JOBS: dict[str, Callable[[DictConfig, Path, str], None]] = {
 # ------------------------------------------------------------------------------ folder verbs
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line (a UserError), not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
 def table(args: list[str]) -> None:
     """`mmdistill table <folder>...`: every results.json below the folders, paper layout."""
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="mmdistill table",
         description="Aggregate results.json files below the folders into paper-layout tables.",
     )
@@ -311,7 +364,7 @@ def table(args: list[str]) -> None:
 
 def export(args: list[str]) -> None:
     """`mmdistill export <run>`: image grid, nearest real captions and similarity heat-map."""
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="mmdistill export",
         description="Image grid, nearest real captions and similarity heat-map of a distill run.",
     )

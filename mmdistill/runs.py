@@ -60,14 +60,20 @@ class Run:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         meta_path = self.path / "meta.json"
+        saved = None
         if meta_path.is_file():
-            self.meta = io.read_json(meta_path)
+            saved = io.read_json(
+                meta_path, fix="delete it to resume without its timings", kind=dict
+            )
+        if saved is not None and "started" in saved:  # not just a failure before the start
+            self.meta = saved
             if self.meta.get("format") != RUN_FORMAT:
                 raise UserError(
                     f"{self.path} was written by another mmdistill version (run format "
                     f"{self.meta.get('format')}, this one reads {RUN_FORMAT}); start a new run"
                 )
             self.meta["resumed"] = self.meta.get("resumed", 0) + 1
+            self.meta.pop("error", None)  # the failure this run resumes from is over
         else:
             self.meta = {
                 "format": RUN_FORMAT,
@@ -109,9 +115,7 @@ class Run:
         return (self.path / "done").is_file()
 
     def mark_done(self) -> None:
-        self.set(
-            status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), peaks=resource_peaks()
-        )
+        self.set(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), peaks=resource_peaks())
         io.write_text(self.path / "done", "")
 
     def fail(self, message: str) -> None:
@@ -125,21 +129,37 @@ class Run:
         io.save_tensors(d / f"{name}.safetensors", tensors)
         io.write_json(d / f"{name}.json", state)
 
+    def checkpoint_fix(self) -> str:
+        """What a damaged checkpoint's message tells the user to do."""
+        return f"delete {self.path / 'checkpoints'} to restart the method from scratch"
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.safetensors"
+
     def load_checkpoint(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        d = self.path / "checkpoints"
-        t, s = d / f"{name}.safetensors", d / f"{name}.json"
+        t = self.checkpoint_path(name)
+        s = t.with_suffix(".json")
         if not (t.is_file() and s.is_file()):
             return None
-        return io.load_tensors(t), io.read_json(s)
+        fix = self.checkpoint_fix()
+        return io.load_tensors(t, fix=fix), io.read_json(s, fix=fix, kind=dict)
 
 
 def record_failure(run_dir: Path, message: str) -> None:
-    """Mark a run folder's meta.json failed, with the message (no-op before meta.json exists)."""
+    """Mark a run folder's meta.json failed, with the message (a stub before the run started).
+    A no-op without the folder, in a finished folder (never rewritten) and when meta.json itself
+    is unreadable (kept for the user to look at, as the error says)."""
     meta = Path(run_dir) / "meta.json"
+    if not Path(run_dir).is_dir() or (Path(run_dir) / "done").is_file():
+        return
+    info = {"format": RUN_FORMAT}
     if meta.is_file():
-        info = io.read_json(meta)
-        info.update(status="failed", error=message)
-        io.write_json(meta, info)
+        try:
+            info = io.read_json(meta, kind=dict)
+        except UserError:
+            return
+    info.update(status="failed", error=message)
+    io.write_json(meta, info)
 
 
 def resource_peaks() -> dict[str, float | None]:

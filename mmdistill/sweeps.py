@@ -25,10 +25,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mmdistill import io
-from mmdistill.config import register_resolvers
+from mmdistill.config import MULTIRUN_FLAGS, register_resolvers
 from mmdistill.errors import UserError
 
-MULTIRUN_FLAGS = ("-m", "--multirun")
 # Overrides that do not change what a job computes, so they do not name its folder.
 NEUTRAL_KEYS = ("device", "resume", "threads", "eval.workers", "eval.together")
 SLUG_CHARS = 80
@@ -137,9 +136,9 @@ def unfinished_jobs(sweep_dir: Path) -> list[tuple[Path, str]]:
         meta = job / "meta.json"
         if meta.is_file():
             try:
-                info = io.read_json(meta)
+                info = io.read_json(meta, kind=dict)
                 reason = info.get("error") or f"status {info.get('status', '?')}"
-            except ValueError:
+            except UserError:
                 reason = "unreadable meta.json"
         out.append((job, reason))
     return out

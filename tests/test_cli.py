@@ -95,7 +95,7 @@ def test_resume_keeps_the_distilled_set_and_finished_students(tmp_path: Path) ->
     stamp = (run / "distilled.safetensors").stat().st_mtime_ns
     p = mmdistill("distill", f"resume={run}")
     assert p.returncode == 0, p.stderr
-    assert "resuming" in p.stderr
+    assert "resuming" in p.stdout  # a log line; stderr is kept for what went wrong
     assert (run / "distilled.safetensors").stat().st_mtime_ns == stamp
     res = io.read_json(run / "results.json")
     assert res["students"][0] == students[0] and len(res["students"]) == 2

@@ -1,4 +1,5 @@
-"""Every config file composes (Hydra compose API), for every verb that can use it."""
+"""Every config file composes (Hydra compose API), for every verb that can use it, and passes
+the typed schema the CLI checks before every job (a key added to a config must be added there)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from mmdistill import schema
 from mmdistill.config import conf_dir, register_resolvers
 
 CONF = conf_dir()
@@ -22,7 +24,9 @@ def composed(verb: str, overrides: list[str], hydra: bool = False) -> OmegaConf:
 
 @pytest.mark.parametrize(("group", "choice"), OPTIONS, ids=[f"{g}={c}" for g, c in OPTIONS])
 def test_every_group_option_composes(group: str, choice: str) -> None:
-    cfg = composed("distill", [f"{group}={choice}"])
+    required = ["dataset.path=some/hub-id"] if (group, choice) == ("dataset", "hf") else []
+    cfg = composed("distill", [f"{group}={choice}", *required])
+    schema.check(cfg, "distill")
     # Resolve everything a job reads (interpolations into other groups included).
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert container["verb"] == "distill"
@@ -33,6 +37,7 @@ def test_every_group_option_composes(group: str, choice: str) -> None:
 def test_every_experiment_composes(name: str) -> None:
     cfg = composed("distill", [f"experiment={name}"])
     OmegaConf.to_container(cfg, resolve=True)
+    schema.check(cfg, "distill")
 
 
 @pytest.mark.parametrize("verb", ["distill", "train", "evaluate", "buffer"])
@@ -42,6 +47,7 @@ def test_verbs_compose_with_defaults(verb: str) -> None:
     overrides = ["source=some/run"] if verb == "evaluate" else []
     cfg = composed(verb, overrides)
     assert cfg.verb == verb and cfg.dataset.name == "shapes" and cfg.encoder.name == "tiny"
+    schema.check(cfg, verb)
 
 
 def test_run_dir_layout() -> None:

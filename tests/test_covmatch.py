@@ -328,10 +328,12 @@ def test_a_killed_run_resumes_to_the_same_set(tmp_path: Path, monkeypatch) -> No
 def test_divergence_stops_with_a_hint_and_keeps_the_last_good_set(tmp_path: Path) -> None:
     cfg = compose_cfg(*SMALL, *FROZEN, *SHORT, "method.lr=1e30", "method.real_stats=batch")
     ctx, _ = context(tmp_path, cfg, 12)
-    with pytest.raises(UserError, match="lower method.lr"):
+    with pytest.raises(UserError, match="marked partial; lower method.lr"):
         CovMatch(cfg.method).distill(ctx)
     tensors, state = ctx.run.load_checkpoint("covmatch")
     assert state["step"] == 0 and torch.isfinite(tensors["images"]).all()
+    kept = PairSet.load(ctx.run.path / "distilled")  # the last checkpoint, readable
+    assert kept.partial and torch.equal(kept.images, tensors["images"])
 
 
 def test_pixel_space_covmatch_improves_its_own_random_start_on_shapes(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ per image has 5x as many pairs as images.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from mmdistill import io
 from mmdistill.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -56,11 +58,24 @@ class ImageTextSplit:
     def n_pairs(self) -> int:
         return len(self.captions)
 
+    @functools.cached_property
+    def _undecoded(self) -> datasets.Dataset:
+        """The rows with images as stored (path and/or bytes), decoded by `io.read_image`."""
+        return self.rows.cast_column("image", datasets.Image(decode=False))
+
     def image(self, i: int) -> Image.Image:
-        return self.rows[int(i)]["image"].convert("RGB")
+        return self.images([i])[0]
 
     def images(self, indices: Sequence[int]) -> list[Image.Image]:
-        return [im.convert("RGB") for im in self.rows.select(list(indices))["image"]]
+        """Decoded RGB images; a file that cannot be decoded is a one-line error naming it."""
+        rows = self._undecoded.select([int(i) for i in indices])
+        out = []
+        for cell, image_id in zip(rows["image"], rows["image_id"], strict=True):
+            path = cell.get("path")
+            name = path if path and not cell.get("bytes") else f"{image_id!r} ({self.name} split)"
+            fix = "fix or remove its rows" + (" in the caption file" if path else "")
+            out.append(io.read_image(cell.get("bytes") or path, name, fix))
+        return out
 
 
 @dataclass

@@ -142,10 +142,11 @@ def load_mask(run_dir: Path) -> NoiseMask | None:
     path = Path(run_dir) / MASK_FILE
     if not path.is_file():
         return None
-    t = io.load_tensors(path)
+    fix = "the run's noise mask is lost; run the job again in a new folder"
+    t = io.load_tensors(path, fix=fix, need=("pair_clean", "image_clean", "caption_source"))
     return NoiseMask(
         pair_clean=t["pair_clean"].bool(),
         image_clean=t["image_clean"].bool(),
         caption_source=t["caption_source"],
-        info=io.read_json(Path(run_dir) / INFO_FILE),
+        info=io.read_json(Path(run_dir) / INFO_FILE, fix=fix, kind=dict),
     )

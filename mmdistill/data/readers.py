@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
+import io as stdio
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 from omegaconf import DictConfig, OmegaConf
 
+from mmdistill import io
 from mmdistill.data.base import (
     FEATURES,
     SPLITS,
@@ -93,13 +94,7 @@ def _load_json(path: Path, what: str, key: str) -> Any:
     """Parse a JSON annotation file; a missing or broken file names the config key to fix."""
     if not path.is_file():
         raise UserError(f"{what} file {path} not found: set dataset.{key}=/path/to/{path.name}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{what} file {path} is not valid JSON (line {e.lineno}: {e.msg}); re-download it"
-        ) from e
+    return io.read_json(path, fix=f"re-download the {what} file or fix dataset.{key}")
 
 
 def _field(entry: Any, key: str, where: str) -> Any:
@@ -166,9 +161,13 @@ def read_caption_csv(path: Path, max_captions: int | None = None) -> dict[str, l
             f"captions file {path} not found: put the `image,caption` CSV there or set "
             "dataset.captions_file=..."
         )
+    text = io.read_text(path, fix="re-save it as UTF-8 or fix that line", encoding="utf-8-sig")
+    if "\0" in text:  # binary junk; some Python versions' csv would pass it on as caption text
+        line = text[: text.index("\0")].count("\n") + 1
+        raise UserError(f"captions file {path} line {line} holds a NUL byte; fix that line")
     groups: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(stdio.StringIO(text, newline=""))
+    try:
         header = next(reader, None)
         if header is None:
             raise UserError(f"captions file {path} is empty; it needs an `image,caption` header")
@@ -189,6 +188,10 @@ def read_caption_csv(path: Path, max_captions: int | None = None) -> dict[str, l
             if not image:
                 raise UserError(f"{where} has no image file name; fix or drop that row")
             groups.setdefault(image, []).append(_clean_caption(row[i_cap], where))
+    except csv.Error as err:  # a field past the size limit, a stray quote
+        raise UserError(
+            f"captions file {path} line {reader.line_num} is not a CSV row ({err}); fix it"
+        ) from None
     if not groups:
         raise UserError(f"captions file {path} has a header but no caption rows")
     return {k: _cap(v, max_captions) for k, v in groups.items()}

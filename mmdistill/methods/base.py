@@ -7,12 +7,14 @@ settings (`cfg.method`) when it is built, and everything else it may use from a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from omegaconf import DictConfig
 from rich.progress import Progress
+from torch import Tensor
 
 from mmdistill.data.noise import NoiseMask
 from mmdistill.models.encoders import Encoder
@@ -43,3 +45,37 @@ class Method(Protocol):
     def __init__(self, cfg: DictConfig) -> None: ...
 
     def distill(self, ctx: DistillContext) -> PairSet: ...
+
+
+# Synthetic data this many times further from zero than the real data they started from have
+# diverged even while finite (TESLA at lr_img 1e12 reaches pixels near 1e10 before any NaN).
+SANE_FACTOR = 100.0
+
+
+def sane_bounds(**start: Tensor) -> dict[str, float]:
+    """Per synthetic tensor, the largest |value| it may reach: SANE_FACTOR x that of the set
+    it started as (random real pairs, or noise at their scale)."""
+    return {k: SANE_FACTOR * max(float(v.detach().abs().max()), 1e-6) for k, v in start.items()}
+
+
+def out_of_range(bounds: dict[str, float], **syn: Tensor) -> str | None:
+    """What left the sane range ("synthetic images reach |x| = 3e+10 ..."), or None."""
+    for name, x in syn.items():
+        top = float(x.detach().abs().max())  # NaN as soon as one value is NaN
+        if not math.isfinite(top):
+            return f"synthetic {name} are no longer finite"
+        if top > bounds[name]:
+            return (
+                f"synthetic {name} reach |x| = {top:.3g}, beyond {bounds[name]:.3g} "
+                f"({SANE_FACTOR:g}x the real data's scale)"
+            )
+    return None
+
+
+def keep_partial(run: Run, pairs: PairSet, reason: str, stopped_at: int, checkpoint: int) -> Path:
+    """Save the last good set (a checkpoint) as the run's distilled set, flagged partial, so
+    `evaluate` and `export` can read it and a resumed run distils on from the checkpoint."""
+    pairs.meta["partial"] = {"reason": reason, "stopped_at": stopped_at, "checkpoint": checkpoint}
+    path = run.path / "distilled"
+    pairs.save(path)
+    return path.with_suffix(".safetensors")

@@ -24,15 +24,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from mmdistill import io
 from mmdistill.errors import UserError
-from mmdistill.methods.base import DistillContext
+from mmdistill.methods.base import DistillContext, keep_partial, out_of_range, sane_bounds
 from mmdistill.methods.mdw_dual_track import (
     DualTrackSettings,
     cached_detection,
@@ -361,6 +362,7 @@ class CovMatch:
         if weights is not None and self.robust.rescale_rho:
             rho *= weights.rho_scale
         syn = self._init_synthetic(ctx, gen, pool if self.robust.clean_init else None)
+        self.bounds = sane_bounds(images=syn["images"], texts=syn["texts"])
         real = ctx.train.pairset().to(ctx.device)  # on the device once, not per batch
         n_real = len(real) if pool is None else len(pool)
         batches = Batches(
@@ -369,7 +371,8 @@ class CovMatch:
         start, history = 0, []
         saved = ctx.run.load_checkpoint(CHECKPOINT)
         if saved is not None:
-            start, history = self._restore(saved, syn, gen, batches)
+            with io.reading(ctx.run.checkpoint_path(CHECKPOINT), ctx.run.checkpoint_fix()):
+                start, history = self._restore(saved, syn, gen, batches)
             log.info("covmatch: resuming at step %d of %d", start, steps)
         images = syn["images"].to(ctx.device).requires_grad_(True)
         texts = syn["texts"].to(ctx.device).requires_grad_(True)
@@ -401,12 +404,7 @@ class CovMatch:
         )
 
         def diverged(value: float, at: int) -> None:
-            raise UserError(
-                f"CovMatch loss became {value} at step {at}; the last good synthetic set stays "
-                f"in {ctx.run.path / 'checkpoints'}; lower method.lr (now {self.cfg.lr}, "
-                f"method.lr_text {self.cfg.lr_text}) and resume with resume={ctx.run.path} "
-                "method.lr=..."
-            )
+            self._diverged(ctx, at, f"the loss became {value}")
 
         check = FiniteCheck(default_check_every(ctx.device), diverged)
         every_pair = torch.arange(ctx.pairs, device=ctx.device)
@@ -460,6 +458,9 @@ class CovMatch:
         if online is not None:
             online.flush()
         sec_per_step = (time.perf_counter() - t0) / max(steps - start, 1)
+        far = out_of_range(self.bounds, images=images, texts=texts)
+        if far:
+            self._diverged(ctx, steps, far)
 
         images, texts = images.detach().cpu(), texts.detach().cpu()
         mask = None if mask is None else mask.cpu()
@@ -490,6 +491,26 @@ class CovMatch:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _diverged(self, ctx: DistillContext, step: int, what: str) -> NoReturn:
+        """Keep the last checkpoint (the initial set before the first) as the run's partial
+        distilled set, and stop with the fix."""
+        saved = ctx.run.load_checkpoint(CHECKPOINT)
+        assert saved is not None  # distill() saves step 0 before the first update
+        tensors, state = saved
+        pairs = PairSet(
+            images=tensors["images"],
+            texts=tensors["texts"],
+            text_mask=tensors.get("text_mask"),
+            meta={"method": "covmatch", "init_pairs": tensors["source"].tolist()},
+        )
+        path = keep_partial(ctx.run, pairs, what, step, int(state["step"]))
+        raise UserError(
+            f"CovMatch stopped at step {step}: {what}; the last good set (step {state['step']}) "
+            f"is saved as {path}, marked partial; lower method.lr (now {self.cfg.lr}, "
+            f"method.lr_text {self.cfg.lr_text}) and continue with resume={ctx.run.path} "
+            "method.lr=..."
+        )
+
     def _save(
         self,
         ctx: DistillContext,
@@ -516,6 +537,9 @@ class CovMatch:
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 tensors[f"momentum.{key}"] = buf
+        far = out_of_range(self.bounds, images=images, texts=texts)
+        if far:  # never checkpoint a diverged set: the previous checkpoint stays the last good
+            self._diverged(ctx, step, far)
         ctx.run.save_checkpoint(
             CHECKPOINT, tensors, {"step": step, "real_pos": batches.pos, "history": history}
         )

@@ -494,9 +494,11 @@ def find_or_build_robust_buffer(
     buf = Buffer(path)
     det_path = path / "detection.safetensors"
     if det_path.is_file():
-        t = io.load_tensors(det_path)
-        info = io.read_json(path / "detection.json")
-        det = Detection((t["prob_a"], t["prob_b"]), info["history"], info["seconds"])
+        fix = f"delete {det_path}; the detection runs again"
+        t = io.load_tensors(det_path, fix=fix, need=("prob_a", "prob_b"))
+        info = io.read_json(path / "detection.json", fix=fix, kind=dict)
+        with io.reading(path / "detection.json", fix):
+            det = Detection((t["prob_a"], t["prob_b"]), info["history"], info["seconds"])
     else:
         say("dual-track detection: cross-fitted co-teaching of two tracks")
         det = detect_clean_pairs(encoder, train, dual, settings.seed, device, true_clean, say)

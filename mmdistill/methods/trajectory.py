@@ -39,8 +39,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mmdistill import io
 from mmdistill.errors import UserError
-from mmdistill.methods.base import DistillContext
+from mmdistill.methods.base import DistillContext, keep_partial, out_of_range, sane_bounds
 from mmdistill.models.lora import LoraSettings
 from mmdistill.models.student import Student
 from mmdistill.runs import Run
@@ -457,7 +458,8 @@ class TrajectoryMatching:
             v.grad is None or bool(torch.isfinite(v.grad).all()) for v in syn.tensors().values()
         )
         if not torch.isfinite(loss) or not grads_ok:
-            self._stop(ctx, syn, before, loop.meta, it, f"matching loss {loss.item():.4g}")
+            what = f"the matching loss or its gradient is not finite (loss {loss.item():.4g})"
+            self._stop(ctx, syn, before, loop.meta, it, what)
         loop.opt.step()
         min_step = self.cfg.get("min_step_size")
         if min_step is not None:
@@ -465,7 +467,10 @@ class TrajectoryMatching:
                 syn.step_image.clamp_(min=float(min_step))
                 syn.step_text.clamp_(min=float(min_step))
         if not syn.finite():
-            self._stop(ctx, syn, before, loop.meta, it, "an update that made the set non-finite")
+            self._stop(ctx, syn, before, loop.meta, it, "an update made the set not finite")
+        far = out_of_range(self.bounds, images=syn.images, texts=syn.texts)
+        if far:
+            self._stop(ctx, syn, before, loop.meta, it, far)
         return float(loss)
 
     def distill(self, ctx: DistillContext) -> PairSet:
@@ -479,6 +484,7 @@ class TrajectoryMatching:
         scale = cfg.get("inner_logit_scale")
         self.logit_scale = float(student.logit_scale if scale is None else scale)
         syn = self._synthetic(ctx, n)
+        self.bounds = sane_bounds(images=syn.images, texts=syn.texts)
         loop = _Loop(
             buffer=buf,
             experts=self._experts(buf, layout, int(ctx.expert.num_experts)),
@@ -502,7 +508,8 @@ class TrajectoryMatching:
                 "matched_parameters": layout.numel,
             },
         )
-        loop.resume(ctx.run)
+        with io.reading(ctx.run.checkpoint_path(CHECKPOINT), ctx.run.checkpoint_fix()):
+            loop.resume(ctx.run)
         iterations, eval_every = int(cfg.iterations), int(cfg.eval_every)
         ckpt_every = int(cfg.checkpoint_every)
         state = loop.state
@@ -590,14 +597,23 @@ class TrajectoryMatching:
         iteration: int,
         what: str,
     ) -> None:
-        """Keep the last good set on disk and stop with the fix."""
-        syn.restore(before)
-        path = ctx.run.path / "last_good"
-        syn.pairset(self.loss_name, {**meta, "stopped_at_iteration": iteration}).save(path)
+        """Keep the last good set, the last checkpoint's (before the first one, the set before
+        this iteration), as the run's partial distilled set, and stop with the fix."""
+        saved = ctx.run.load_checkpoint(CHECKPOINT)
+        at = iteration - 1
+        if saved is None:
+            syn.restore(before)
+        else:
+            with io.reading(ctx.run.checkpoint_path(CHECKPOINT), ctx.run.checkpoint_fix()):
+                syn.restore(_prefixed(saved[0], "syn."))
+                at = int(saved[1]["iteration"])
+        path = keep_partial(ctx.run, syn.pairset(self.loss_name, meta), what, iteration, at)
+        knob = "method.lr_txt" if "texts" in what else "method.lr_img"
         raise UserError(
-            f"{self.name} stopped at iteration {iteration}: {what} is not finite; the last good "
-            f"distilled set is in {path}.safetensors; lower method.lr_img / method.lr_txt "
-            f"(now {self.cfg.lr_img} / {self.cfg.lr_txt}) or method.lr_lr"
+            f"{self.name} stopped at iteration {iteration}: {what}; the last good set "
+            f"(iteration {at}) is saved as {path}, marked partial; lower method.lr_img / "
+            f"method.lr_txt (now {self.cfg.lr_img} / {self.cfg.lr_txt}) or method.lr_lr and "
+            f"continue with resume={ctx.run.path} {knob}=..."
         )
 
 

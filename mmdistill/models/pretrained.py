@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from mmdistill import io
 from mmdistill.errors import UserError
 from mmdistill.models import lite0
 from mmdistill.models.encoders import (
@@ -224,14 +225,21 @@ def image_weights_source(value: object) -> tuple[bool, Path | None]:
 
 def load_image_checkpoint(model: nn.Module, path: Path) -> None:
     """Load a checkpoint file into a timm trunk: timm names, or the Lite0 package's names."""
+    fix = "point encoder.image_weights at an intact checkpoint of this trunk"
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = io.load_tensors(path, fix=fix)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch reports a damaged file many ways
+            raise io.damaged(path, f"not a readable checkpoint: {err}", fix) from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
+    with io.reading(path, fix):
+        _load_state(model, state)
+
+
+def _load_state(model: nn.Module, state: dict) -> None:
     if lite0.is_lite0_checkpoint(state):
         lite0.load_mapped(model, state)
         return

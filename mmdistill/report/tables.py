@@ -164,8 +164,13 @@ def _method_config(run_dir: Path) -> dict[str, Any]:
     import yaml
     from omegaconf import OmegaConf
 
-    raw = yaml.safe_load(saved.read_text()) or {}
-    method = raw.get("method") or {}
+    try:
+        raw = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"its .hydra/config.yaml is not readable ({type(err).__name__})") from None
+    method = raw.get("method") if isinstance(raw, dict) else None
+    if not isinstance(method, dict):
+        return {}
     try:
         method = OmegaConf.to_container(OmegaConf.create(raw).method, resolve=True)
     except Exception:  # an interpolation this process cannot resolve: keep the raw text
@@ -175,6 +180,13 @@ def _method_config(run_dir: Path) -> dict[str, Any]:
 
 def read_result(path: Path) -> Result:
     """Parse one results.json; a ValueError says in one line why it cannot be used."""
+    try:
+        return _read_result(path)
+    except (TypeError, AttributeError, KeyError) as err:  # a field of the wrong kind
+        raise ValueError(f"a field has the wrong type ({type(err).__name__}: {err})") from None
+
+
+def _read_result(path: Path) -> Result:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as err:

@@ -132,7 +132,10 @@ def export_run(
             raise UserError(
                 f"{run_dir} holds no distilled.safetensors; export reads a distill run folder"
             )
-        pairs = PairSet.load(run_dir / "distilled")
+        pairs = PairSet.load(
+            run_dir / "distilled",
+            fix="restore it from a copy, or distil again into a new run folder",
+        )
     if max_images < 1:
         raise UserError(f"--max {max_images}: show at least one image")
     if train is None:

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 from torch import Tensor
 
 from mmdistill import io
@@ -281,29 +280,36 @@ class Buffer:
                 f"{self.path} is not an expert buffer (no buffer.json); build one with "
                 "`mmdistill buffer` or leave method.buffer unset"
             )
-        self.info: dict[str, Any] = io.read_json(info_path)
+        fix = f"delete the folder {self.path}; its experts are trained again"
+        self.info: dict[str, Any] = io.read_json(info_path, fix=fix, kind=dict)
+        if not isinstance(self.info.get("key"), str):
+            raise io.damaged(info_path, "no buffer key", fix)
         self.key: str = self.info["key"]
 
     def expert_path(self, index: int) -> Path:
         return self.path / f"expert_{index:03d}.safetensors"
 
+    def _fix(self, index: int) -> str:
+        return f"delete it; expert {index} is trained again"
+
     def indices(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.path.glob("expert_*.safetensors"))
 
     def metadata(self, index: int) -> dict[str, str]:
-        with safe_open(str(self.expert_path(index)), framework="pt") as f:
+        with io.open_tensors(self.expert_path(index), self._fix(index)) as f:
             return f.metadata() or {}
 
     def layout(self, index: int) -> ParamLayout:
-        return ParamLayout.from_json(self.metadata(index)["layout"])
+        with io.reading(self.expert_path(index), self._fix(index)):
+            return ParamLayout.from_json(self.metadata(index)["layout"])
 
     def epochs(self, index: int) -> int:
-        with safe_open(str(self.expert_path(index)), framework="pt") as f:
+        with io.open_tensors(self.expert_path(index), self._fix(index)) as f:
             return f.get_slice("trajectory").get_shape()[0] - 1
 
     def segment(self, index: int, start: int, end: int) -> Tensor:
         """Snapshots `start..end` (inclusive) of expert `index`, `[end - start + 1, P]`."""
-        with safe_open(str(self.expert_path(index)), framework="pt") as f:
+        with io.open_tensors(self.expert_path(index), self._fix(index)) as f:
             return f.get_slice("trajectory")[start : end + 1]
 
     def write_expert(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from mmdistill import io
 from mmdistill.data.base import ImageTextSplit
+from mmdistill.errors import UserError
 from mmdistill.models.encoders import Encoder
 from mmdistill.training.pairs import PairSet
 
@@ -72,9 +74,18 @@ def trunk_key(encoder: Encoder, which: str) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def _cached(path: Path, compute) -> Tensor:
+def _cached(path: Path, compute: Callable[[], Tensor], rows: int) -> Tensor:
+    """The cache entry at `path`, or `compute()` saved there. A damaged entry (unreadable,
+    not `rows` finite feature rows) is rebuilt with one warning line, so it never blocks."""
     if path.is_file():
-        return io.load_tensors(path)["x"]
+        try:
+            x = io.load_tensors(path, fix="rebuilding it", need=("x",))["x"]
+            if x.dim() != 2 or x.shape[0] != rows or not bool(torch.isfinite(x).all()):
+                why = f"{list(x.shape)} features, or not finite, for {rows} rows"
+                raise io.damaged(path, why, "rebuilding it")
+            return x
+        except UserError as err:
+            log.warning("feature cache: %s", err)
     x = compute()
     io.save_tensors(path, {"x": x})
     return x
@@ -148,7 +159,9 @@ def real_split(
     if encoder.image_space == "feature":
         stem = f"{dataset_name}-{split.name}-{split.image_fingerprint}"
         path = cache_dir / f"{stem}-image-{trunk_key(encoder, 'image')}.safetensors"
-        images = _cached(path, lambda: _encode_images(encoder, split, device, batch, progress))
+        images = _cached(
+            path, lambda: _encode_images(encoder, split, device, batch, progress), split.n_images
+        )
     else:
         images = _pixels(encoder, split, 256, progress)
     mask = None
@@ -160,6 +173,7 @@ def real_split(
         encoded = _cached(
             cache_dir / name,
             lambda: _encode_texts(encoder, split.name, distinct, device, 4 * batch, progress),
+            len(distinct),
         )
         texts = encoded[torch.as_tensor([row[c] for c in split.captions], dtype=torch.long)]
     else:

@@ -108,12 +108,20 @@ class PairSet:
                 "similarity": self.similarity_args or None,
                 "step_sizes": self.step_sizes,
                 "loss": self.loss,
+                "partial": self.partial,
                 "meta": self.meta,
             },
         )
 
+    @property
+    def partial(self) -> bool:
+        """A set kept when distillation stopped early (its last good checkpoint)."""
+        return bool(self.meta.get("partial"))
+
     @classmethod
-    def load(cls, path: Path) -> PairSet:
+    def load(cls, path: Path, fix: str = "distil it again") -> PairSet:
+        """Read `<path>.safetensors` + `<path>.json`; anything missing, inconsistent or not
+        finite is a one-line error naming the file and `fix`."""
         path = Path(path)
         side, tensors_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
         if not side.is_file() or not tensors_path.is_file():
@@ -121,28 +129,62 @@ class PairSet:
                 f"no distilled set at {path}: expected {tensors_path.name} and {side.name}; "
                 "point at a finished distill run folder"
             )
-        info = io.read_json(side)
+        info = io.read_json(side, fix=fix, kind=dict)
         if info.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"{side} has format version {info.get('format_version')}, this mmdistill reads "
                 f"{FORMAT_VERSION}; re-run the distillation with this version"
             )
-        t = io.load_tensors(tensors_path)
-        sim = None
-        if info.get("similarity"):
-            sim = build_similarity(**info["similarity"])
-            sim.load_state_dict(
-                {k[len("similarity.") :]: v for k, v in t.items() if k.startswith("similarity.")}
+        t = io.load_tensors(tensors_path, fix=fix, need=("images", "texts"))
+        with io.reading(side, fix):
+            sim = None
+            if info.get("similarity"):
+                sim = build_similarity(**info["similarity"])
+                sim.load_state_dict(
+                    {
+                        k[len("similarity.") :]: v
+                        for k, v in t.items()
+                        if k.startswith("similarity.")
+                    }
+                )
+                sim.requires_grad_(False)
+            pairs = cls(
+                images=t["images"],
+                texts=t["texts"],
+                text_mask=t.get("text_mask"),
+                image_index=t.get("image_index"),
+                similarity=sim,
+                similarity_args=info.get("similarity") or {},
+                step_sizes={str(k): float(v) for k, v in (info.get("step_sizes") or {}).items()},
+                loss=str(info.get("loss", "infonce")),
+                meta=dict(info.get("meta") or {}),
             )
-            sim.requires_grad_(False)
-        return cls(
-            images=t["images"],
-            texts=t["texts"],
-            text_mask=t.get("text_mask"),
-            image_index=t.get("image_index"),
-            similarity=sim,
-            similarity_args=info.get("similarity") or {},
-            step_sizes=info.get("step_sizes", {}),
-            loss=info.get("loss", "infonce"),
-            meta=info.get("meta", {}),
-        )
+        problem = pairs.inconsistency(info.get("pairs"))
+        if problem:
+            raise io.damaged(tensors_path, problem, fix)
+        return pairs
+
+    def inconsistency(self, pairs: Any = None) -> str | None:
+        """What makes a loaded set unusable (shapes that disagree, values that are not
+        finite), or None."""
+        n = len(self)
+        if pairs is not None and pairs != n:
+            return f"{n} texts but its JSON says {pairs} pairs"
+        if not self.images.is_floating_point():
+            return f"images are {self.images.dtype}, not floating point"
+        index = self.image_index
+        if index is None and self.images.shape[0] != n:
+            return f"{self.images.shape[0]} images for {n} texts"
+        if index is not None and (
+            len(index) != n
+            or index.is_floating_point()
+            or int(index.max()) >= self.images.shape[0]
+            or int(index.min()) < 0
+        ):
+            return "its image_index does not map each text to one of its images"
+        if self.text_mask is not None and self.text_mask.shape != self.texts.shape[:2]:
+            return f"text_mask {list(self.text_mask.shape)} does not fit texts"
+        for name, x in (("images", self.images), ("texts", self.texts)):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                return f"{name} hold values that are not finite"
+        return None

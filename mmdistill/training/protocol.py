@@ -9,8 +9,14 @@ best-on-test preset), and the student loss.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing as mp
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -167,13 +173,35 @@ def _in_worker(k: int) -> dict:
 
 
 def _one_thread_worker() -> None:
+    """Pool initializer: one torch thread, and exit when the parent dies (a killed job must
+    not leave students training for a minute): the kernel's parent-death signal on Linux,
+    else a thread that watches the parent's pid."""
     torch.set_num_threads(1)
+    parent = mp.parent_process()
+    if parent is None:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1  # linux/prctl.h
+        armed = libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        armed = False
+    if os.getppid() != parent.pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+
+        def watch() -> None:
+            while os.getppid() == parent.pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
 
 
 def train_together(cfg: DictConfig, device: str, encoder: Encoder) -> bool:
     """Whether students train as one stacked model: `eval.together` true, or auto on a GPU,
     for head-only students (frozen trunks) with linear heads and final-step selection."""
-    wanted = str(cfg.get("together", "auto"))
+    wanted = str(cfg.get("together", "auto")).lower()  # YAML reads true / false as booleans
     heads = {str(encoder.cfg.head.image), str(encoder.cfg.head.text)}
     head_only = encoder.image_space == "feature" and encoder.text_space == "feature"
     if wanted == "false" or cfg.selection != "final" or not head_only:
