@@ -76,6 +76,7 @@ def prepare(cfg: DictConfig, device: str, run: Run, progress: Progress) -> Prepa
                 Path(cfg.paths.cache_dir),
                 device,
                 progress=progress,
+                workers=cfg.get("data_workers", "auto"),
             )
             for s in ("train", "val", "test")
         }
