@@ -169,6 +169,8 @@ class _Rows:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Rows in the order asked (repeats allowed); runs of consecutive rows are one read."""
+        if len(rows) == 0:
+            return np.empty((0, *self.shape[1:]), dtype=np.uint8)
         order = np.argsort(rows, kind="stable")
         ranked = rows[order]
         sorted_out = np.empty((len(rows), self.row_bytes), dtype=np.uint8)

@@ -173,6 +173,7 @@ class ExpertSettings:
 
 
 FINGERPRINT_CHUNK = 256  # rows hashed at a time
+FINGERPRINT_FULL = 1 << 26  # tensors with more elements are hashed every k-th row
 
 
 def split_fingerprint(split: RealSplit) -> str:
@@ -189,7 +190,7 @@ def split_fingerprint(split: RealSplit) -> str:
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         n = t.shape[0]
         # Hash every row of ordinary splits; stride through very large pixel sets.
-        step = max(1, n * math.prod(t.shape[1:]) // (1 << 26))
+        step = max(1, n * math.prod(t.shape[1:]) // FINGERPRINT_FULL)
         for s in range(0, n, step * FINGERPRINT_CHUNK):
             rows = t[s : s + step * FINGERPRINT_CHUNK : step]
             h.update(rows.contiguous().cpu().numpy().tobytes())
