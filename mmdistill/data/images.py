@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ HEADER_BYTES = 4096
 SAMPLED_ROWS = 16  # rows hashed into the header and checked on every open
 SMALL_SPLIT = 512  # below this many images, starting workers costs more than decoding
 MAX_WORKERS = 8
+STALE_BUILD_S = 3600  # a temp file untouched this long belongs to a killed build
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -240,6 +242,16 @@ class ImageCache:
             return f"corrupt ({type(err).__name__})"
         return None
 
+    def _remove_stale_builds(self) -> None:
+        """Temp files of builds that were killed: a live build writes to its file all the time,
+        so one untouched for an hour is garbage (and may be as large as the cache)."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            try:
+                if time.time() - tmp.stat().st_mtime > STALE_BUILD_S:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass  # another process removed it first
+
     def _check_space(self) -> None:
         need = HEADER_BYTES + int(np.prod(self.shape))
         free = shutil.disk_usage(self.path.parent).free
@@ -279,6 +291,7 @@ class ImageCache:
         if problem != "missing":
             log.warning("image cache %s is %s; rebuilding it", self.path, problem)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_builds()
         self._check_space()
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:

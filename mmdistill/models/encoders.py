@@ -262,12 +262,15 @@ def quiet_open_clip() -> Iterator[None]:
 
 
 def build_open_clip_scratch(cfg: DictConfig) -> Encoder:
-    """A small open_clip model from a config file, random init: the pixel-space path."""
+    """A small open_clip model from a config file, random init: the pixel-space path. The
+    vision tower takes `image_size` (the config's own size by default)."""
 
     def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
         torch.manual_seed(seed)
         with quiet_open_clip():
-            model = open_clip().create_model(cfg.model_config, force_custom_text=True)
+            model = open_clip().create_model(
+                cfg.model_config, force_custom_text=True, force_image_size=int(cfg.image_size)
+            )
         return OpenClipVisionTrunk(model.visual), _TinyText(model.text)
 
     tokenizer = open_clip().get_tokenizer(cfg.model_config)
