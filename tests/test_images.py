@@ -95,6 +95,18 @@ def test_second_open_reads_the_file_without_decoding(shapes, tmp_path, monkeypat
     assert [len(b) for b in cache.batches(16)] == [16, 16, 8]
 
 
+def test_table_lookup_equals_the_elementwise_operations() -> None:
+    """The CPU path looks levels up in a table; the device path computes them: same floats."""
+    rule = PixelRule(16, CLIP_MEAN, CLIP_STD)
+    pixels = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    pixels[0] = torch.arange(256, dtype=torch.uint8).view(16, 16)  # every level, every channel
+    assert torch.equal(rule.normalise(pixels), rule._elementwise(pixels))
+    assert torch.equal(
+        rule.normalise(pixels[:, :, ::2, 1::3]), rule._elementwise(pixels[:, :, ::2, 1::3])
+    )
+    assert rule.normalise(pixels[:0]).shape == (0, 3, 16, 16)
+
+
 # ------------------------------------------------------------------------ store indexing
 
 

@@ -17,6 +17,7 @@ row of a mapped cache would grow its peak RSS with the data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ VERSION = 1
 MAGIC = b"MMDIMG\x00\x00"
 HEADER_BYTES = 4096
 SAMPLED_ROWS = 16  # rows hashed into the header and checked on every open
+LOOKUP_CHUNK = 1 << 16  # pixels per table lookup in `PixelRule.normalise`
 SMALL_SPLIT = 512  # below this many images, starting workers costs more than decoding
 MAX_WORKERS = 8
 STALE_BUILD_S = 3600  # a temp file untouched this long belongs to a killed build
@@ -77,12 +79,36 @@ class PixelRule:
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
     def normalise(self, pixels: Tensor) -> Tensor:
-        """uint8 `[..., 3, s, s]` -> float32, by the same elementwise operations (and so the
-        same rounding) as ToTensor + Normalize."""
-        x = pixels.to(torch.float32).div(255)
+        """uint8 `[..., 3, s, s]` -> float32, bit for bit what ToTensor + Normalize give.
+
+        On the CPU each value is looked up in a table of the 256 levels per channel, computed
+        by those same elementwise operations: one pass instead of four, with the same floats.
+        Elsewhere (a GPU) the operations run on the batch itself.
+        """
+        if pixels.device.type != "cpu":
+            return self._elementwise(pixels)
+        src = pixels.contiguous().numpy()
+        channels, h, w = src.shape[-3:]
+        planes = src.reshape(-1, channels, h * w)
+        out = np.empty(planes.shape, dtype=np.float32)
+        group = max(1, LOOKUP_CHUNK // (h * w))  # images per lookup, to stay in cache
+        for i in range(0, len(planes), group):
+            for c in range(channels):
+                np.take(self._levels[c], planes[i : i + group, c], out=out[i : i + group, c])
+        return torch.from_numpy(out).reshape(src.shape)
+
+    def _elementwise(self, pixels: Tensor) -> Tensor:
+        """ToTensor's x / 255, then Normalize's in-place (x - mean) / std."""
+        x = pixels.to(torch.float32, copy=True).div_(255)
         mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
         std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
         return x.sub_(mean).div_(std)
+
+    @functools.cached_property
+    def _levels(self) -> np.ndarray:
+        """float32 `[channels, 256]`: every uint8 level of every channel, normalised."""
+        levels = torch.arange(256, dtype=torch.uint8).expand(len(self.mean), 256)
+        return self._elementwise(levels[..., None])[..., 0].numpy()
 
 
 def default_workers(n_images: int, workers: int | str = "auto") -> int:
