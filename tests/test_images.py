@@ -192,6 +192,10 @@ def _flip_a_sampled_byte(path: Path) -> None:
     [
         (lambda p: p.write_bytes(p.read_bytes()[:-100]), "corrupt (wrong length)"),
         (lambda p: p.write_bytes(b"garbage"), "corrupt (no image-cache header)"),
+        (
+            lambda p: p.write_bytes(images._header(1, "k", [1], "s")[:100] + p.read_bytes()[100:]),
+            "corrupt (its header describes other images)",
+        ),
         (_flip_a_sampled_byte, "corrupt (sampled rows do not match their digest)"),
         (_other_version, "from format version 0 (this mmdistill reads 1)"),
     ],
@@ -229,8 +233,9 @@ def test_workers_setting() -> None:
     assert images.default_workers(100) == 0  # small split: decoding beats starting workers
     assert images.default_workers(10_000) >= 1
     assert images.default_workers(100, 3) == 3
-    with pytest.raises(UserError, match="data_workers"):
-        images.default_workers(100, -1)
+    for bad in (-1, "two"):
+        with pytest.raises(UserError, match="data_workers"):
+            images.default_workers(100, bad)
 
 
 # ------------------------------------------------------------- frozen-trunk features

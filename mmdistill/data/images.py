@@ -85,6 +85,8 @@ class PixelRule:
         by those same elementwise operations: one pass instead of four, with the same floats.
         Elsewhere (a GPU) the operations run on the batch itself.
         """
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"normalise takes uint8 pixels, not {pixels.dtype}")
         if pixels.device.type != "cpu":
             return self._elementwise(pixels)
         src = pixels.contiguous().numpy()
@@ -114,9 +116,9 @@ class PixelRule:
 def default_workers(n_images: int, workers: int | str = "auto") -> int:
     """Decoding processes: `auto` is one per usable core (at most 8), none for small splits."""
     if str(workers) != "auto":
-        value = int(workers)
+        value = int(workers) if str(workers).isdigit() else -1
         if value < 0:
-            raise UserError(f"data_workers={workers} must be >= 0 or auto")
+            raise UserError(f"data_workers={workers} must be a number >= 0 or auto")
         return value
     if n_images < SMALL_SPLIT:
         return 0
@@ -193,7 +195,7 @@ class _Rows:
         self.path = path
         self.shape = shape
         self.row_bytes = int(np.prod(shape[1:]))
-        self._file = open(path, "rb")  # closed with the store's process
+        self._file = open(path, "rb")  # closed when the reader is collected
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Rows in the order asked (repeats allowed); runs of consecutive rows are one read."""
@@ -251,6 +253,8 @@ class ImageCache:
                 return "corrupt (no image-cache header)"
             (length,) = struct.unpack("<Q", head[len(MAGIC) : len(MAGIC) + 8])
             info = json.loads(head[len(MAGIC) + 8 : len(MAGIC) + 8 + length])
+            if not isinstance(info, dict):
+                return "corrupt (its header is not a record)"
             if info.get("version") != VERSION:
                 return f"from format version {info.get('version')} (this mmdistill reads {VERSION})"
             if info.get("key") != self.key or tuple(info.get("shape", ())) != self.shape:
@@ -264,7 +268,7 @@ class ImageCache:
                     return "corrupt (sampled rows do not match their digest)"
             finally:
                 rows.close()
-        except (OSError, ValueError, EOFError) as err:  # JSONDecodeError is a ValueError
+        except (OSError, ValueError, TypeError, EOFError) as err:  # JSON errors are ValueErrors
             return f"corrupt ({type(err).__name__})"
         return None
 
@@ -304,7 +308,7 @@ class ImageCache:
                 on_batch(len(chunk))
             yield chunk
 
-    def build(self, on_batch: Callable[[int], None] | None = None, batch: int = 256) -> None:
+    def build(self, on_batch: Callable[[int], None] | None = None, batch: int = 64) -> None:
         """Make sure a usable file exists, decoding every image when it does not."""
         problem = self.problem()
         if problem is not None:
@@ -325,7 +329,7 @@ class ImageCache:
                 f.write(b"\0" * HEADER_BYTES)
                 written = 0
                 for chunk in decoded_batches(self.split, self.rule, batch, self.workers):
-                    f.write(chunk.numpy().tobytes())
+                    f.write(np.ascontiguousarray(chunk.numpy()).data)
                     written += len(chunk)
                     if on_batch:
                         on_batch(len(chunk))
