@@ -89,6 +89,7 @@ def prepare(
                 Path(cfg.paths.cache_dir),
                 device,
                 progress=progress,
+                workers=cfg.get("data_workers", "auto"),
             )
             for s in ("train", "val", "test")
         }

@@ -122,11 +122,12 @@ def file_signature(path: Path) -> str:
 def split_from_records(
     name: str,
     image_ids: Sequence[str],
-    images: Sequence[str | Image.Image],
+    images: Sequence[str | Image.Image | dict],
     captions: Sequence[Sequence[str]],
     fingerprint_parts: Sequence[str] | None = None,
 ) -> ImageTextSplit:
-    """Build a split from parallel lists (image paths or PIL images, one caption list each).
+    """Build a split from parallel lists (image paths, PIL images or `datasets.Image` records
+    such as `{"path": None, "bytes": png}`; one caption list each).
 
     Raises a UserError naming the fix when a split is empty or an image has no caption.
     """

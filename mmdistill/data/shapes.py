@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+from datasets.features.image import image_to_bytes
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
@@ -114,15 +115,17 @@ def read_shapes(cfg: DictConfig) -> ImageTextSet:
     for offset, name in enumerate(("train", "val", "test")):
         rng = random.Random(f"{cfg.seed}-{name}")
         n = int(cfg.split_sizes[offset])
-        scenes = [
-            make_scene(rng, int(cfg.image_size), int(cfg.captions_per_image)) for _ in range(n)
-        ]
+        images, captions = [], []
+        for _ in range(n):  # each image is kept as its PNG bytes, not as a decoded image
+            image, caps = make_scene(rng, int(cfg.image_size), int(cfg.captions_per_image))
+            images.append({"path": None, "bytes": image_to_bytes(image)})
+            captions.append(caps)
         ids = [f"{name}-{i:05d}" for i in range(n)]
         splits[name] = split_from_records(
             name,
             ids,
-            [im for im, _ in scenes],
-            [caps for _, caps in scenes],
+            images,
+            captions,
             fingerprint_parts=[f"shapes-v1:{cfg.seed}:{cfg.image_size}:{i}" for i in ids],
         )
     return ImageTextSet(name="shapes", **splits)

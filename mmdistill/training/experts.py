@@ -34,7 +34,7 @@ from mmdistill.errors import UserError
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.lora import LoraSettings, lora_student
 from mmdistill.models.student import Student
-from mmdistill.training.features import RealSplit
+from mmdistill.training.features import RealSplit, encoder_identity
 from mmdistill.training.protocol import evaluate
 from mmdistill.training.trainer import Batches, BatchLoss, Recipe, Trainer, pair_loss
 
@@ -176,18 +176,28 @@ class ExpertSettings:
         }
 
 
+FINGERPRINT_CHUNK = 256  # rows hashed at a time
+FINGERPRINT_FULL = 1 << 26  # tensors with more elements are hashed every k-th row
+
+
 def split_fingerprint(split: RealSplit) -> str:
-    """Content hash of a split as the student sees it (features or pixels, captions, index)."""
+    """Content hash of a split as the student sees it (features or pixels, captions, index).
+
+    Rows are hashed a chunk at a time, so a pixel store is read in pieces, never whole; the
+    bytes hashed (and so the key) are those of the whole tensor's rows in order.
+    """
     h = hashlib.sha1()
     for t in (split.images, split.texts, split.text_mask, split.caption_image):
         if t is None:
             h.update(b"none")
             continue
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+        n = t.shape[0]
         # Hash every row of ordinary splits; stride through very large pixel sets.
-        step = max(1, rows.numel() // (1 << 26))
-        h.update(rows[::step].contiguous().cpu().numpy().tobytes())
+        step = max(1, n * math.prod(t.shape[1:]) // FINGERPRINT_FULL)
+        for s in range(0, n, step * FINGERPRINT_CHUNK):
+            rows = t[s : s + step * FINGERPRINT_CHUNK : step]
+            h.update(rows.contiguous().cpu().numpy().tobytes())
     h.update("\n".join(split.captions).encode())
     return h.hexdigest()[:16]
 
@@ -200,7 +210,7 @@ def buffer_key(
     settings: ExpertSettings,
 ) -> tuple[str, dict[str, Any]]:
     """(key, what it hashes): data content, encoder config, noise and expert settings."""
-    enc = OmegaConf.to_container(encoder.cfg, resolve=True)
+    enc = encoder_identity(encoder)
     enc.pop("recipe", None)  # the evaluation recipe does not shape experts
     parts = {
         "version": BUFFER_VERSION,

@@ -1,10 +1,12 @@
-"""Real splits as tensors, in the space the encoder's students read, with a feature cache.
+"""Real splits in the space the encoder's students read, with a feature cache.
 
 Frozen trunks are run once per (images or captions, trunk, preprocessing) and their outputs
 stored as safetensors; a second run loads them instead of re-encoding. Images are keyed by the
 split's image fingerprint, captions by their content (the sorted set of distinct captions), so
 a split whose captions were only reassigned (noise=shuffle) reuses the clean split's features.
-Trainable trunks get pixels and token ids instead.
+Trainable trunks get token ids and a `PixelStore` instead: pixels read by rows from the
+decoded-image cache (`mmdistill.data.images`), never held whole. Both the store and the frozen
+image trunk stream through that cache, so images are decoded once per split and size.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from mmdistill import io
 from mmdistill.data.base import ImageTextSplit
+from mmdistill.data.images import ImageCache, PixelStore
 from mmdistill.errors import UserError
 from mmdistill.models.encoders import Encoder
 from mmdistill.training.pairs import PairSet
@@ -33,10 +36,11 @@ CACHE_VERSION = 2
 
 @dataclass
 class RealSplit:
-    """A split's images (one row per image) and captions (one row per caption) as tensors."""
+    """A split's images (one row per image) and captions (one row per caption): features or
+    token ids as tensors, pixels as a `PixelStore` that indexes like one."""
 
     name: str
-    images: Tensor
+    images: Tensor | PixelStore
     texts: Tensor
     text_mask: Tensor | None
     caption_image: Tensor
@@ -65,10 +69,25 @@ class RealSplit:
         )
 
 
-def trunk_key(encoder: Encoder, which: str) -> str:
-    """Identity of a frozen trunk + its preprocessing, ignoring heads and training flags."""
+# Encoder keys added after caches were first keyed: at these values they change nothing that
+# was computed before they existed, so they are left out of keys and old caches still match.
+NEUTRAL_DEFAULTS = {"augment": False, "tokenizer": None}
+
+
+def encoder_identity(encoder: Encoder) -> dict:
+    """The encoder's config as cache keys hash it (keys at a neutral default left out)."""
     cfg = OmegaConf.to_container(encoder.cfg, resolve=True)
-    for k in ("head", "temperature", "train_image_trunk", "train_text_trunk", "lora"):
+    for k, default in NEUTRAL_DEFAULTS.items():
+        if k in cfg and cfg[k] == default:
+            del cfg[k]
+    return cfg
+
+
+def trunk_key(encoder: Encoder, which: str) -> str:
+    """Identity of a frozen trunk + its preprocessing, ignoring heads and training flags (and
+    train-time augmentation, which never reaches a frozen trunk)."""
+    cfg = encoder_identity(encoder)
+    for k in ("head", "temperature", "train_image_trunk", "train_text_trunk", "lora", "augment"):
         cfg.pop(k, None)
     blob = f"v{CACHE_VERSION}:{which}:{sorted(cfg.items())}"
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
@@ -91,36 +110,35 @@ def _cached(path: Path, compute: Callable[[], Tensor], rows: int) -> Tensor:
     return x
 
 
-def _pixels(
-    encoder: Encoder, split: ImageTextSplit, batch: int, progress: Progress | None
-) -> Tensor:
-    out = []
-    task = progress.add_task(f"{split.name} images", total=split.n_images) if progress else None
-    for s in range(0, split.n_images, batch):
-        idx = range(s, min(s + batch, split.n_images))
-        out.append(torch.stack([encoder.preprocess(im) for im in split.images(idx)]))
-        if progress:
-            progress.advance(task, len(idx))
-    return torch.cat(out)
+def _task(progress: Progress | None, label: str, total: int) -> Callable[[int], None] | None:
+    """A progress bar row, as a callback that advances it by a batch."""
+    if progress is None:
+        return None
+    task = progress.add_task(label, total=total)
+    return lambda done: progress.advance(task, done)
 
 
 def _encode_images(
-    encoder: Encoder, split: ImageTextSplit, device: str, batch: int, progress
+    cache: ImageCache, encoder: Encoder, device: str, batch: int, progress
 ) -> Tensor:
+    """Frozen-trunk features of every image, streamed in batches from the image cache (decoded
+    into it on the way when it is missing); each batch is normalised on the CPU exactly as the
+    per-image transform does, so the features do not depend on where the pixels came from."""
     # channels_last about halves a conv trunk's CPU time; the features agree to float rounding.
     trunk = encoder.image_trunk.to(device, memory_format=torch.channels_last)
+    advance = _task(progress, f"encode {cache.split.name} images", cache.split.n_images)
     out = []
-    task = (
-        progress.add_task(f"encode {split.name} images", total=split.n_images) if progress else None
-    )
-    for s in range(0, split.n_images, batch):
-        idx = range(s, min(s + batch, split.n_images))
-        px = torch.stack([encoder.preprocess(im) for im in split.images(idx)]).to(device)
+    for pixels in cache.batches(batch, advance):
+        px = encoder.pixels.normalise(pixels).to(device)
         with torch.no_grad():
             out.append(trunk(px.contiguous(memory_format=torch.channels_last)).float().cpu())
-        if progress:
-            progress.advance(task, len(idx))
     return torch.cat(out)
+
+
+def _pixel_store(cache: ImageCache, progress: Progress | None) -> PixelStore:
+    """The split's pixels, decoding the images into the cache first when needed."""
+    cache.build(_task(progress, f"{cache.split.name} images", cache.split.n_images))
+    return cache.store()
 
 
 def _encode_texts(
@@ -153,17 +171,23 @@ def real_split(
     device: str = "cpu",
     batch: int = 64,
     progress: Progress | None = None,
+    workers: int | str = "auto",
 ) -> RealSplit:
-    """Tensors for one split: cached frozen-trunk features, or pixels / token ids."""
+    """One split: cached frozen-trunk features, or a pixel store; caption features or token
+    ids. `workers` decode images into the image cache when it is built."""
     cache_dir = Path(cache_dir).expanduser()
+    images_cache = ImageCache(split, encoder.pixels, cache_dir, dataset_name, workers)
+    images: Tensor | PixelStore
     if encoder.image_space == "feature":
         stem = f"{dataset_name}-{split.name}-{split.image_fingerprint}"
         path = cache_dir / f"{stem}-image-{trunk_key(encoder, 'image')}.safetensors"
         images = _cached(
-            path, lambda: _encode_images(encoder, split, device, batch, progress), split.n_images
+            path,
+            lambda: _encode_images(images_cache, encoder, device, batch, progress),
+            split.n_images,
         )
     else:
-        images = _pixels(encoder, split, 256, progress)
+        images = _pixel_store(images_cache, progress)
     mask = None
     if encoder.text_space == "feature":
         distinct = sorted(set(split.captions))

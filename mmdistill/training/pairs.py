@@ -1,6 +1,7 @@
 """PairSet: what a student trains on, real or synthetic, with its save/load format.
 
-Images are pixels `[N,3,H,W]` or frozen-trunk features `[N,D]`; texts are features `[N,D]`,
+Images are pixels `[N,3,H,W]` (a tensor, or for a real split a `PixelStore` read by rows) or
+frozen-trunk features `[N,D]`; texts are features `[N,D]`,
 token ids `[N,L]` or token embeddings `[N,L,E]` (with a mask). `image_index` lets many pairs
 share one stored image (the real training set has 5 captions per image). A learned target
 similarity (LoRS, MDW) and learned student step sizes travel with the set.
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mmdistill import io
+from mmdistill.data.images import PixelStore
 from mmdistill.errors import UserError
 from mmdistill.training.similarity import build_similarity
 
@@ -24,7 +26,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class PairSet:
-    images: Tensor
+    images: Tensor | PixelStore
     texts: Tensor
     text_mask: Tensor | None = None
     image_index: Tensor | None = None
