@@ -1,7 +1,8 @@
 """`mmdistill <verb> [overrides]`: one console script, one Hydra config per job verb.
 
 Job verbs (distill, train, evaluate, buffer) are `@hydra.main` apps over `conf/<verb>.yaml`,
-so overrides, `-m` sweeps, `--cfg job` and `--help` all work. `table` and `export` take folders.
+so overrides, `-m` sweeps, `--cfg job` and `--help` all work. `table`, `export` and
+`report` take folders.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from mmdistill.config import conf_dir, register_resolvers
 from mmdistill.errors import UserError
 
 JOB_VERBS = ("distill", "train", "evaluate", "buffer")
-FOLDER_VERBS = ("table", "export")
+FOLDER_VERBS = ("table", "export", "report")
 USAGE = """usage: mmdistill <verb> [options]
 
 job verbs (Hydra apps; `mmdistill <verb> --help` lists config groups and overrides):
@@ -27,6 +28,7 @@ job verbs (Hydra apps; `mmdistill <verb> --help` lists config groups and overrid
 folder verbs:
   table      aggregate run folders into paper-layout tables: mmdistill table <folder>...
   export     PNG grids, captions and heat-maps of a run: mmdistill export <run folder>
+  report     one self-contained report.html of a run or a sweep: mmdistill report <folder>
 
 examples:
   mmdistill distill                                   # built-in shapes data, tiny encoder
