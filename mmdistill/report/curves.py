@@ -71,7 +71,10 @@ def _wall_axis(ax, s: Series) -> None:
     steps, walls = _increasing(np.array(s.steps), np.array(s.walls))
     if len(steps) < 2:
         return
+    from matplotlib.ticker import MaxNLocator
+
     top = ax.secondary_xaxis("top", functions=(_linear(steps, walls), _linear(walls, steps)))
+    top.xaxis.set_major_locator(MaxNLocator(nbins=4))  # val checks make the spacing uneven
     top.set_xlabel("wall (s)", fontsize=8)
     top.tick_params(labelsize=7)
 

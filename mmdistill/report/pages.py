@@ -52,7 +52,8 @@ img.plot{max-width:100%;display:block;margin:6px 0}
 .grid{display:grid;gap:8px}.grid figure{margin:0}.grid img{width:100%;display:block;
 border:1px solid #ccc}.grid img.px{image-rendering:pixelated}
 .grid figcaption{font-size:11px;line-height:1.25;margin-top:2px;overflow-wrap:anywhere}
-.grid .n{color:#888}pre{background:#f5f5f7;padding:8px;overflow:auto;font-size:12px}
+.grid .n{color:#888}.wide{overflow-x:auto}
+pre{background:#f5f5f7;padding:8px;overflow:auto;font-size:12px}
 """
 
 
@@ -407,7 +408,8 @@ def _html_table(table: tables.Table) -> str:
                 )
                 html_cells += f"<td>{'<b>' + text + '</b>' if bold else text}</td>"
         rows.append(f"<tr>{html_cells}</tr>")
-    return f"<table><tr>{top}</tr><tr>{sub}</tr>{''.join(rows)}</table>"
+    table_html = f"<table><tr>{top}</tr><tr>{sub}</tr>{''.join(rows)}</table>"
+    return f'<div class="wide">{table_html}</div>'
 
 
 def _settings(table: tables.Table) -> str:
@@ -499,7 +501,7 @@ def sweep_report(
         sections.add("table", "Retrieval recall (%)", table_sections)
     if listing:
         head = ["run", "method", "pairs", "seed", "r_mean", "status"]
-        sections.add("runs", "Runs", lambda: _table(head, listing))
+        sections.add("runs", "Runs", lambda: _table(head, listing, left=2))
     sub = escape(f"{folder} · {len(runs)} runs")
     io.write_text(out, _document(f"sweep {folder.name}", sub, sections.finish()))
     return Page(out, sections.problems)
