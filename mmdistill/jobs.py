@@ -9,6 +9,7 @@ from what it holds (distilled set, finished students, method checkpoints).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -296,7 +297,7 @@ def _logged(job: Job) -> Job:
     """The job with the chosen experiment logger (`logger=...`) fed from its metrics."""
 
     def logged_job(cfg: DictConfig, run_dir: Path, device: str) -> None:
-        config = OmegaConf.to_container(cfg, resolve=True)
+        config = functools.partial(OmegaConf.to_container, cfg, resolve=True)
         with loggers.attached(cfg.get("logger"), run_dir, config):
             job(cfg, run_dir, device)
 

@@ -12,7 +12,7 @@ naming the install command.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,20 +85,23 @@ class WandB:
         self.run.finish()
 
 
-def build(cfg: Any, run_dir: Path, config: dict[str, Any]) -> TensorBoard | WandB | None:
-    """The chosen logger (None for `none`); fails in one line before the job does any work."""
+def build(
+    cfg: Any, run_dir: Path, config: Callable[[], dict[str, Any]]
+) -> TensorBoard | WandB | None:
+    """The chosen logger (None for `none`); fails in one line before the job does any work.
+    `config()` gives the job's config (W&B records it with the run)."""
     name = "none" if cfg is None else str(cfg.get("name", "none"))
     if name not in LOGGERS:
         raise UserError(f"unknown logger {name!r}; choose one of: {', '.join(LOGGERS)}")
     if name == "tensorboard":
         return TensorBoard(Path(run_dir) / str(cfg.get("dir") or "tensorboard"))
     if name == "wandb":
-        return WandB(cfg, run_dir, config)
+        return WandB(cfg, run_dir, config())
     return None
 
 
 @contextlib.contextmanager
-def attached(cfg: Any, run_dir: Path, config: dict[str, Any]) -> Iterator[None]:
+def attached(cfg: Any, run_dir: Path, config: Callable[[], dict[str, Any]]) -> Iterator[None]:
     """Feed the run's metrics records to the chosen logger while the job runs."""
     logger = build(cfg, run_dir, config)
     if logger is None:

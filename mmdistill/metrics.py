@@ -58,7 +58,9 @@ class Metrics:
             self._previous = {}
             records, _ = read(self.path) if self.path.is_file() else ([], [])
             for r in records:
-                self._previous[r["stream"]] = float(r.get("wall", 0.0))
+                wall = r.get("wall")
+                if isinstance(wall, int | float) and not isinstance(wall, bool):
+                    self._previous[r["stream"]] = float(wall)
         self._origin[stream] = time.perf_counter() - self._previous.get(stream, 0.0)
 
     def write(self, stream: str, step: int, wall: float | None = None, **values: Any) -> None:

@@ -149,7 +149,7 @@ def test_paper_defaults_by_budget(pairs, rho, lam, steps, syn_batch) -> None:
 def test_the_tiny_encoder_sets_a_short_run() -> None:
     """The paper's step counts are for pretrained trunks on real data; `tiny` (the default
     run on shapes) sets its own, and an explicit method.steps still wins."""
-    assert CovMatch(compose_cfg().method).settings(100)["steps"] == 200
+    assert CovMatch(compose_cfg().method).settings(100)["steps"] == 100
     assert CovMatch(compose_cfg("method.steps=7").method).settings(100)["steps"] == 7
 
 

@@ -33,7 +33,7 @@ def test_tensorboard_event_files_hold_the_metrics_records(tmp_path: Path) -> Non
     before = write_some(tmp_path / metrics.FILE)[:1]  # a record from before a resume: replayed
     first = (tmp_path / metrics.FILE).read_text().splitlines()[0]
     (tmp_path / metrics.FILE).write_text(first + "\n")
-    with loggers.attached(cfg, tmp_path, {}):
+    with loggers.attached(cfg, tmp_path, dict):
         log = metrics.Metrics(tmp_path / metrics.FILE)
         log.write("method", 10, loss=2.0, cov=1.5, val_r_mean=31.25)
         log.write("student/0", 5, wall=0.5, loss=1.25, lr=1e-3)
@@ -75,7 +75,7 @@ def test_wandb_is_offline_by_default_and_replays_the_records(
     monkeypatch.setitem(sys.modules, "wandb", fake)
     records = write_some(tmp_path / metrics.FILE)  # a resumed run: all of it is replayed
     cfg = OmegaConf.create({"name": "wandb", "online": False, "project": "p", "entity": None})
-    with loggers.attached(cfg, tmp_path, {"seed": 0}):
+    with loggers.attached(cfg, tmp_path, lambda: {"seed": 0}):
         metrics.Metrics(tmp_path / metrics.FILE).write("method", 20, loss=1.0)
     (run,) = runs
     assert run.init["mode"] == "offline" and run.init["dir"] == str(tmp_path)
@@ -89,7 +89,7 @@ def test_wandb_is_offline_by_default_and_replays_the_records(
         "method/step": 10,
     }
     assert len(run.rows) == len(records) + 1 and run.rows[-1]["method/step"] == 20
-    with loggers.attached(OmegaConf.merge(cfg, {"online": True}), tmp_path, {}):
+    with loggers.attached(OmegaConf.merge(cfg, {"online": True}), tmp_path, dict):
         pass
     assert runs[-1].init["mode"] == "online"
 
@@ -114,4 +114,4 @@ def test_a_missing_logger_package_is_one_line_naming_the_install(tmp_path: Path)
     )
     assert not (tmp_path / "run" / "distilled.safetensors").exists()  # failed before any work
     with pytest.raises(UserError, match="unknown logger 'nope'"):
-        loggers.build(OmegaConf.create({"name": "nope"}), tmp_path, {})
+        loggers.build(OmegaConf.create({"name": "nope"}), tmp_path, dict)

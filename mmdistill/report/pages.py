@@ -512,6 +512,6 @@ def folder_report(
 ) -> Page:
     """A run folder gets a run page; any other folder is read as a sweep of runs."""
     folder = Path(folder)
-    if any((folder / m).exists() for m in ("meta.json", "results.json")):
+    if any((folder / m).exists() for m in ("meta.json", "results.json", ".hydra")):
         return run_report(folder, out=out, max_images=max_images, device=device)
     return sweep_report(folder, out=out, max_images=max_images, device=device)
