@@ -124,7 +124,7 @@ def test_evaluate_rescores_a_saved_set(tmp_path: Path) -> None:
     src = tmp_path / "src"
     assert mmdistill("distill", *FAST, f"hydra.run.dir={src}").returncode == 0
     out = tmp_path / "eval"
-    keep = [a for a in FAST if not a.startswith(("budget.", "eval.students"))]
+    keep = [a for a in FAST if not a.startswith(("budget.", "eval.students", "method="))]
     p = mmdistill("evaluate", f"source={src}", *keep, "eval.students=1", f"hydra.run.dir={out}")
     assert p.returncode == 0, p.stderr
     assert len(io.read_json(out / "results.json")["students"]) == 1
