@@ -39,6 +39,7 @@ from mmdistill.training.pairs import PairSet
 
 PAGE = "report.html"
 HEATMAP_LIMIT = 256  # pairs shown in the similarity matrix
+THUMB = 160  # longest side of a real photo in the grid (pixels)
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1240px;
@@ -50,7 +51,7 @@ th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f5f5
 td.l,th.l{text-align:left}.problem{color:#a40000}.note{color:#555;font-size:12px}
 img.plot{max-width:100%;display:block;margin:6px 0}
 .grid{display:grid;gap:8px}.grid figure{margin:0}.grid img{width:100%;display:block;
-border:1px solid #ccc}.grid img.px{image-rendering:pixelated}
+border:1px solid #ccc;aspect-ratio:1/1;object-fit:cover}.grid img.px{image-rendering:pixelated}
 .grid figcaption{font-size:11px;line-height:1.25;margin-top:2px;overflow-wrap:anywhere}
 .grid .n{color:#888}.wide{overflow-x:auto}
 pre{background:#f5f5f7;padding:8px;overflow:auto;font-size:12px}
@@ -78,10 +79,12 @@ def _img(data: bytes, kind: str = "png", alt: str = "", css: str = "plot") -> st
 
 
 def _encode(image: Image.Image, photo: bool) -> tuple[bytes, str]:
-    """Photos (nearest real images) as JPEG, synthetic pixels exactly, as PNG."""
+    """Photos (nearest real images) as JPEG thumbnails, synthetic pixels exactly, as PNG."""
     buffer = stdio.BytesIO()
     if photo:
-        image.convert("RGB").save(buffer, format="JPEG", quality=82)
+        thumb = image.convert("RGB")
+        thumb.thumbnail((THUMB, THUMB))
+        thumb.save(buffer, format="JPEG", quality=82)
         return buffer.getvalue(), "jpeg"
     image.save(buffer, format="PNG")
     return buffer.getvalue(), "png"
