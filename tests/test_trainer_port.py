@@ -62,7 +62,8 @@ def test_protocol_student(tmp_path: Path, space: str, recipe: dict) -> None:
         student = prep.encoder.new_student(7, feature_dropout=float(eval_cfg.feature_dropout))
         out.append(train_student(student, pairs, eval_cfg, 7, "cpu", prep.val))
     same_state(out[0][0], out[1][0])
-    assert out[0][1] == out[1][1]
+    curve = out[1][1].pop("curve")  # new: the student's curve for metrics.jsonl
+    assert out[0][1] == out[1][1] and curve and curve[-1]["step"] == 12
 
 
 @pytest.mark.parametrize("space", SPACES)

@@ -481,7 +481,7 @@ def find_or_build_robust_buffer(
         keep = _keep(det.prob[1 - i % 2], dual.select_threshold)
         curve = expert_curve(metrics, f"robust/{i}")
         traj, layout, stats = train_robust_expert(
-            encoder, train, val, settings, keep, dual.comp_weight, i, device, on_epoch, curve
+            encoder, train, val, settings, keep, dual.comp_weight, i, device, on_epoch, on_log=curve
         )
         stats.update(
             track="AB"[i % 2],
