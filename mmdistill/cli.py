@@ -1,7 +1,8 @@
 """`mmdistill <verb> [overrides]`: one console script, one Hydra config per job verb.
 
 Job verbs (distill, train, evaluate, buffer) are `@hydra.main` apps over `conf/<verb>.yaml`,
-so overrides, `-m` sweeps, `--cfg job` and `--help` all work. `table` and `export` take folders.
+so overrides, `-m` sweeps, `--cfg job` and `--help` all work. `table`, `export` and
+`report` take folders.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mmdistill.errors import UserError
 from mmdistill.sweeps import job_args
 
 JOB_VERBS = ("distill", "train", "evaluate", "buffer")
-FOLDER_VERBS = ("table", "export")
+FOLDER_VERBS = ("table", "export", "report")
 # Hydra flags that only print: their command composes no job, or shows the config as given.
 HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 CFG_FLAGS = {"--cfg", "-c"}
@@ -32,6 +33,7 @@ job verbs (Hydra apps; `mmdistill <verb> --help` lists config groups and overrid
 folder verbs:
   table      aggregate run folders into paper-layout tables: mmdistill table <folder>...
   export     PNG grids, captions and heat-maps of a run: mmdistill export <run folder>
+  report     one self-contained report.html of a run or a sweep: mmdistill report <folder>
 
 examples:
   mmdistill distill                                   # built-in shapes data, tiny encoder

@@ -1,5 +1,5 @@
 """Every verb: the Hydra jobs (distill, train, evaluate, buffer) and the folder verbs (table,
-export).
+export, report).
 
 Each job writes into one run folder (Hydra's output dir): meta.json, the pair set, results.json,
 recall.md and a `done` marker. A folder that is `done` is skipped; one that is not is resumed
@@ -9,6 +9,7 @@ from what it holds (distilled set, finished students, method checkpoints).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -21,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
-from mmdistill import io
+from mmdistill import io, loggers
 from mmdistill.config import register_resolvers
 from mmdistill.console import console, progress_bar
 from mmdistill.data import ImageTextSet, build_dataset
@@ -31,7 +32,7 @@ from mmdistill.methods import DistillContext, get_method
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import is_text_features
-from mmdistill.report import recall, tables
+from mmdistill.report import pages, recall, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
@@ -113,7 +114,15 @@ def _evaluate_pairs(
     done = io.read_json(partial, fix=fix, kind=list) if partial.is_file() else []
     if not all(isinstance(s, dict) and "r_mean" in s for s in done):
         raise io.damaged(partial, "a student record without its recalls", fix)
-    with run.timed("evaluate"):
+    with run.timed("evaluate"), progress_bar() as progress:
+        task = progress.add_task("students", total=int(cfg.eval.students), completed=len(done))
+
+        def finished(students: list[dict]) -> None:
+            io.write_json(partial, students)
+            last = students[-1]
+            info = f"student {last['student']}: r_mean {last['r_mean']:.2f}"
+            progress.update(task, completed=len(students), info=info)
+
         res = run_protocol(
             prep.encoder,
             pairs,
@@ -123,7 +132,8 @@ def _evaluate_pairs(
             device,
             int(cfg.seed),
             done=done,
-            on_student=lambda s: io.write_json(partial, s),
+            on_student=finished,
+            on_curve=lambda stream, curve: _write_curve(run, stream, curve),
         )
     results = {
         "verb": cfg.verb,
@@ -148,6 +158,12 @@ def _evaluate_pairs(
     io.write_text(run.path / "recall.md", recall.markdown(title, res.summary, len(res.students)))
     recall.print_table(console, title, res.summary, len(res.students))
     return results
+
+
+def _write_curve(run: Run, stream: str, curve: list[dict]) -> None:
+    """A student's curve, recorded in its worker, into the run's metrics."""
+    for record in curve:
+        run.metrics.write(stream, **record)
 
 
 def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
@@ -179,6 +195,13 @@ def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
     )
     with run.timed("export"):
         export_run(run.path, cfg, pairs, prep.encoder, prep.train, prep.data.train, device=device)
+    with run.timed("report"):
+        page = pages.run_report(
+            run.path, cfg, pairs, prep.encoder, prep.train, prep.data.train, device=device
+        )
+    for problem in page.problems:
+        console.print(problem)
+    console.print(f"report: {page.path}")
     run.mark_done()
 
 
@@ -284,6 +307,7 @@ def distill_context(
         eval=cfg.eval,
         expert=cfg.get("expert"),
         cache_dir=Path(str(cfg.paths.cache_dir)).expanduser(),
+        monitor=cfg.get("monitor"),
     )
 
 
@@ -307,6 +331,7 @@ def buffer(cfg: DictConfig, run_dir: Path, device: str) -> None:
                 indices=indices,
                 say=log.info,
                 progress=progress,
+                metrics=run.metrics,
             )
     wanted = indices if indices is not None else list(range(int(cfg.expert.num_experts)))
     experts = []
@@ -320,11 +345,25 @@ def buffer(cfg: DictConfig, run_dir: Path, device: str) -> None:
     run.mark_done()
 
 
-JOBS: dict[str, Callable[[DictConfig, Path, str], None]] = {
-    "distill": distill,
-    "train": train,
-    "evaluate": evaluate,
-    "buffer": buffer,
+Job = Callable[[DictConfig, Path, str], None]
+
+
+def _logged(job: Job) -> Job:
+    """The job with the chosen experiment logger (`logger=...`) fed from its metrics."""
+
+    def logged_job(cfg: DictConfig, run_dir: Path, device: str) -> None:
+        config = functools.partial(OmegaConf.to_container, cfg, resolve=True)
+        with loggers.attached(cfg.get("logger"), run_dir, config):
+            job(cfg, run_dir, device)
+
+    return logged_job
+
+
+JOBS: dict[str, Job] = {
+    "distill": _logged(distill),
+    "train": _logged(train),
+    "evaluate": _logged(evaluate),
+    "buffer": _logged(buffer),
 }
 
 
@@ -385,4 +424,39 @@ def export(args: list[str]) -> None:
         print(f, file=sys.stderr)
 
 
-FOLDER_JOBS: dict[str, Callable[[list[str]], None]] = {"table": table, "export": export}
+def report(args: list[str]) -> None:
+    """`mmdistill report <folder>`: one self-contained report.html for a run or a sweep."""
+    ap = argparse.ArgumentParser(
+        prog="mmdistill report",
+        description="One self-contained report.html (inline images, no network) for a run "
+        "folder, or for a sweep: its paper-layout table, recall vs pairs, a page per run.",
+    )
+    ap.add_argument("folder", type=Path, help="a run folder, or a folder of runs (a sweep)")
+    ap.add_argument("--out", type=Path, help="the page to write (default: <folder>/report.html)")
+    ap.add_argument("--max", type=int, default=256, help="distilled pairs shown (default 256)")
+    ap.add_argument("--device", default="cpu", help="for encoding uncached features")
+    ap.add_argument(
+        "--screenshot", type=Path, help="also load the page in headless Chromium and save a PNG"
+    )
+    ns = ap.parse_args(args)
+    if not ns.folder.is_dir():
+        raise UserError(f"{ns.folder} is not a folder; give a run folder or a sweep folder")
+    register_resolvers()
+    page = pages.folder_report(ns.folder, out=ns.out, max_images=ns.max, device=ns.device)
+    for problem in page.problems:
+        print(problem, file=sys.stderr)
+    print(page.path, file=sys.stderr)
+    if ns.screenshot:
+        from mmdistill.report.browser import load_page
+
+        check = load_page(page.path, screenshot=ns.screenshot)
+        for line in check.errors:
+            print(f"page error: {line}", file=sys.stderr)
+        print(ns.screenshot, file=sys.stderr)
+
+
+FOLDER_JOBS: dict[str, Callable[[list[str]], None]] = {
+    "table": table,
+    "export": export,
+    "report": report,
+}

@@ -12,6 +12,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 
 from mmdistill import __version__, io
 from mmdistill.errors import UserError
+from mmdistill.metrics import FILE as METRICS_FILE
+from mmdistill.metrics import Metrics
 
 RUN_FORMAT = 1
 PACKAGES = ("torch", "open_clip_torch", "timm", "transformers", "peft", "hydra-core", "datasets")
@@ -109,6 +112,11 @@ class Run:
                 self.meta["timings"].get(name, 0.0) + time.perf_counter() - t0, 3
             )
             self.save_meta()
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        """The run's curves (metrics.jsonl): methods, students and experts write there."""
+        return Metrics(self.path / METRICS_FILE)
 
     @property
     def done(self) -> bool:

@@ -327,6 +327,7 @@ ENCODER_COMMON = {
     "encoder.recipe.feature_dropout": FRACTION,
     "encoder.covmatch_lr.image": Float(0, open_lo=True, optional=True),
     "encoder.covmatch_lr.text": Float(0, open_lo=True, optional=True),
+    "encoder.covmatch_steps": Int(1, optional=True),
     "encoder.seed": Int(0, optional=True),
 }
 NORMALISE = Rule("list", item=Float(), lengths=(3,))
@@ -468,8 +469,15 @@ METHODS: dict[str, dict[str, Rule]] = {
     "covmatch": COVMATCH,
     "covmatch_robust": COVMATCH,
 }
+LOGGERS: dict[str, dict[str, Rule]] = {
+    "none": {},
+    "tensorboard": {"logger.dir": TEXT},
+    "wandb": {"logger.online": BOOL, "logger.project": TEXT, "logger.entity": MAYBE_TEXT},
+}
 VERBS: dict[str, dict[str, Rule]] = {
     "distill": {
+        "monitor.val_every": Int(0),
+        "monitor.val_students": Int(1),
         "budget.pairs": Int(1, null=True),
         "budget.ratio": Float(0, 1, open_lo=True, null=True),
         "method.name": Choice(*METHODS),
@@ -511,6 +519,8 @@ def rules_for(tree: Mapping, verb: str) -> dict[str, Rule]:
     rules.update(DATASETS.get(str(_get(tree, "dataset.reader")), {}))
     rules.update(ENCODER_COMMON)
     rules.update(ENCODERS.get(str(_get(tree, "encoder.builder")), {}))
+    rules["logger.name"] = Choice(*LOGGERS)
+    rules.update(LOGGERS.get(str(_get(tree, "logger.name")), {}))
     rules.update(VERBS[verb])
     if verb == "distill":
         rules.update(METHODS.get(str(_get(tree, "method.name")), {}))
@@ -557,7 +567,14 @@ def check(cfg: DictConfig | Mapping, verb: str) -> None:
     tree = resolved(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     rules = rules_for(tree, verb)
     # The keys that choose the other rules come first, so their errors read first.
-    for key in ("verb", "dataset.reader", "encoder.builder", "noise.name", "method.name"):
+    for key in (
+        "verb",
+        "dataset.reader",
+        "encoder.builder",
+        "noise.name",
+        "method.name",
+        "logger.name",
+    ):
         if key in rules:
             check_value(key, rules[key], _get(tree, key))
     known = sorted(rules)

@@ -30,6 +30,8 @@ from mmdistill.errors import UserError
 
 # Overrides that do not change what a job computes, so they do not name its folder.
 NEUTRAL_KEYS = ("device", "resume", "threads", "eval.workers", "eval.together")
+# Experiment loggers and val checks for curves watch a job without changing its results.
+NEUTRAL_KEYS += ("logger", "logger.online", "logger.project", "monitor.val_every")
 SLUG_CHARS = 80
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher"
 

@@ -15,7 +15,8 @@ from mmdistill import io
 from mmdistill.training.pairs import PairSet
 
 REPO = Path(__file__).resolve().parents[1]
-# Small shapes data and short students: the same code path as the default run, in seconds.
+# Small shapes data, short students and random pairs: the runner's code path in seconds (the
+# default method, CovMatch, is tested in test_covmatch.py and test_report.py).
 FAST = [
     "dataset.split_sizes=[60,20,30]",
     "eval.students=2",
@@ -23,6 +24,7 @@ FAST = [
     "budget.pairs=20",
     "device=cpu",
     "threads=1",
+    "method=random",
 ]
 
 
@@ -49,6 +51,8 @@ def test_distill_writes_a_complete_run_folder(tmp_path: Path) -> None:
         "recall.md",
         "done",
         ".hydra/config.yaml",
+        "metrics.jsonl",
+        "report.html",
     ):
         assert (run / name).exists(), name
     res = io.read_json(run / "results.json")
@@ -120,7 +124,7 @@ def test_evaluate_rescores_a_saved_set(tmp_path: Path) -> None:
     src = tmp_path / "src"
     assert mmdistill("distill", *FAST, f"hydra.run.dir={src}").returncode == 0
     out = tmp_path / "eval"
-    keep = [a for a in FAST if not a.startswith(("budget.", "eval.students"))]
+    keep = [a for a in FAST if not a.startswith(("budget.", "eval.students", "method="))]
     p = mmdistill("evaluate", f"source={src}", *keep, "eval.students=1", f"hydra.run.dir={out}")
     assert p.returncode == 0, p.stderr
     assert len(io.read_json(out / "results.json")["students"]) == 1

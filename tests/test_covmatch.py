@@ -142,8 +142,15 @@ def test_random_init_students_read_token_embeddings_like_the_encoder() -> None:
     ],
 )
 def test_paper_defaults_by_budget(pairs, rho, lam, steps, syn_batch) -> None:
-    s = CovMatch(compose_cfg().method).settings(pairs)
+    s = CovMatch(compose_cfg("encoder=lite0_minilm").method).settings(pairs)
     assert (s["rho"], s["lambda"], s["steps"], s["syn_batch"]) == (rho, lam, steps, syn_batch)
+
+
+def test_the_tiny_encoder_sets_a_short_run() -> None:
+    """The paper's step counts are for pretrained trunks on real data; `tiny` (the default
+    run on shapes) sets its own, and an explicit method.steps still wins."""
+    assert CovMatch(compose_cfg().method).settings(100)["steps"] == 100
+    assert CovMatch(compose_cfg("method.steps=7").method).settings(100)["steps"] == 7
 
 
 def test_feature_space_takes_every_synthetic_pair_unless_told() -> None:
@@ -154,7 +161,9 @@ def test_feature_space_takes_every_synthetic_pair_unless_told() -> None:
 
 
 def test_explicit_settings_override_the_budget_table() -> None:
-    cfg = compose_cfg("method.rho=1.5", "method.lambda=0", "method.syn_batch=64")
+    cfg = compose_cfg(
+        "encoder=lite0_minilm", "method.rho=1.5", "method.lambda=0", "method.syn_batch=64"
+    )
     s = CovMatch(cfg.method).settings(100)
     assert (s["rho"], s["lambda"], s["steps"], s["syn_batch"]) == (1.5, 0, 10000, 64)
 

@@ -32,6 +32,7 @@ FAST = [
     "eval.steps=5",
     "budget.pairs=8",
     "device=cpu",
+    "method=random",
 ]
 
 

@@ -230,7 +230,9 @@ def test_each_dual_track_trains_on_the_other_tracks_selection(
 
     trained_on = []
 
-    def fake_expert(encoder, train, val, settings, keep, comp, index, device, on_epoch=None):
+    def fake_expert(
+        encoder, train, val, settings, keep, comp, index, device, on_epoch=None, on_log=None
+    ):
         trained_on.append((index, keep.clone()))
         layout = ParamLayout(("image_head.weight",), ((2,),), ("image",))
         return torch.zeros(2, 2), layout, {"seconds": 0.0}

@@ -18,6 +18,7 @@ from mmdistill.sweeps import claim_slot, job_args, resolve_budget, sweep_name
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
+    "method=random",
     "dataset.split_sizes=[60,20,20]",
     "eval.students=1",
     "eval.steps=5",

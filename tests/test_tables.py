@@ -8,6 +8,7 @@ tests/golden/expected holds the table it must produce, checked by hand once.
 from __future__ import annotations
 
 import csv
+import io as stdio
 import json
 import shutil
 import statistics
@@ -169,8 +170,47 @@ def test_different_methods_may_have_different_hyper_parameters(tmp_path: Path) -
         set_method_param(run, "herding", "steps: 7")
     table = tables.build(*tables.collect([runs]))
     assert not table.has_setting and not [w for w in table.warnings if "differ" in w]
-    assert tables.method_line(table) == "herding: steps=7"
-    assert "Method settings: herding: steps=7" in tables.markdown(table)
+    # The table says where the settings are instead of listing them all (a line of thousands
+    # of characters with the published methods); table.csv has every value.
+    line = tables.method_line(table)
+    assert line.startswith("herding hyper-parameters in full: table.csv") and len(line) < 120
+    assert f"Method settings: {line}" in tables.markdown(table)
+    herding = [r for r in csv.DictReader(stdio.StringIO(tables.csv_text(table)))]
+    assert all("method.steps=7" in r["protocol"] for r in herding if r["method"] == "herding")
+
+
+def test_percentages_never_print_in_exponent_form(tmp_path: Path) -> None:
+    assert [tables.percent(p) for p in (2.857, 14.28, 99.7, 100.0, 150.0)] == [
+        "2.9%",
+        "14%",
+        "100%",
+        "100%",
+        "150%",
+    ]
+    runs = copy_runs(tmp_path)
+    for path in runs.glob("*/results.json"):
+        edit(path, train_pairs=20)
+    table = tables.build(*tables.collect([runs]))
+    assert [table.budget_label(b) for b in table.budgets] == ["10 pairs (50%)", "20 pairs (100%)"]
+
+
+def test_pairs_axis_labels_budgets_without_overprinting() -> None:
+    """LoRS's 99 + S and MDW's 94 + P sit at their budget (100); budgets spanning decades get
+    a log axis; labels too close to the previous one are left out."""
+    assert tables.budget_ticks([100, 200, 500]) == ([100, 200, 500], True)
+    assert tables.budget_ticks([100, 200, 300]) == ([100, 200, 300], False)
+    assert tables.budget_ticks([100, 100, 3500, 1000]) == ([100, 1000, 3500], True)
+    assert tables.budget_ticks([100, 110, 400]) == ([100, 400], True)
+    assert tables.budget_ticks([100, 102, 150]) == ([100, 150], False)
+    assert tables.budget_ticks([]) == ([], False)
+
+
+def test_sets_smaller_than_their_budget_are_plotted_at_it(tmp_path: Path) -> None:
+    runs = copy_runs(tmp_path)
+    for seed in (0, 1):
+        edit(runs / f"herding-20-seed{seed}" / "results.json", pairs=19)
+    table = tables.build(*tables.collect([runs]))
+    assert [tables._x(table, b) for b in table.budgets] == [10, 20]
 
 
 def test_ratio_budgets_and_duplicate_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -188,7 +188,14 @@ def forgetting_counts(ctx: DistillContext, epochs: int, batch: int) -> tuple[Ten
         return loss_fn(logits)
 
     recipe = Recipe.from_cfg(ctx.eval).without_schedule()
-    trainer = Trainer(student, recipe, batch_loss, pairs=real, what="forgetting student")
+    trainer = Trainer(
+        student,
+        recipe,
+        batch_loss,
+        pairs=real,
+        what="forgetting student",
+        on_log=lambda record: ctx.run.metrics.write("forgetting", **record),
+    )
     task = ctx.progress.add_task("forgetting", total=epochs) if ctx.progress else None
 
     def advance(epoch: int) -> None:

@@ -33,7 +33,13 @@ from torch import Tensor, nn
 
 from mmdistill import io
 from mmdistill.errors import UserError
-from mmdistill.methods.base import DistillContext, keep_partial, out_of_range, sane_bounds
+from mmdistill.methods.base import (
+    DistillContext,
+    keep_partial,
+    monitored_val,
+    out_of_range,
+    sane_bounds,
+)
 from mmdistill.methods.mdw_dual_track import (
     DualTrackSettings,
     cached_detection,
@@ -397,6 +403,8 @@ class CovMatch:
         real_cov, real_means = self._full_statistics(ctx, weights)
         reset_every, every = int(self.cfg.reset_every), int(self.cfg.checkpoint_every)
         log_every = int(self.cfg.log_every)
+        # The curve gets at least about 100 points; meta's loss history keeps log_every.
+        curve_every = min(log_every, max(1, steps // 100))
         task = (
             ctx.progress.add_task("covmatch", total=steps, completed=start)
             if ctx.progress
@@ -409,6 +417,28 @@ class CovMatch:
         check = FiniteCheck(default_check_every(ctx.device), diverged)
         every_pair = torch.arange(ctx.pairs, device=ctx.device)
         online: Trainer | None = None
+        val_every = int(ctx.monitor.val_every) if ctx.monitor is not None else 0
+        watching = 0.0  # seconds spent in val checks, left out of seconds_per_step
+
+        def watch(at: int) -> None:
+            """Val r_mean of the current set, for the curves; it changes nothing."""
+            nonlocal watching
+            t = time.perf_counter()
+            current = PairSet(
+                images=images.detach().cpu(),
+                texts=texts.detach().cpu(),
+                text_mask=None if mask is None else mask.cpu(),
+            )
+            score = monitored_val(ctx, current, "covmatch")
+            watching += time.perf_counter() - t
+            if score is not None:
+                ctx.run.metrics.write("method", at, val_r_mean=score)
+                if task is not None:
+                    ctx.progress.update(task, info=f"val r_mean {score:.2f}")
+
+        ctx.run.metrics.start("method")
+        if val_every > 0 and start == 0:
+            watch(0)
         t0 = time.perf_counter()
         for step in range(start, steps):
             if online is None or step % reset_every == 0:
@@ -443,21 +473,27 @@ class CovMatch:
             opt.zero_grad(set_to_none=True)
             # 2. One ordinary contrastive step of the online student on the next real batch.
             online_loss = online.step(batches.next())
-            if step % log_every == 0 or step + 1 == steps:
+            logged = step % log_every == 0 or step + 1 == steps
+            if logged or step % curve_every == 0:
                 row = {"step": step, "loss": loss.item(), "online": online_loss.item()}
                 row.update({k: v.item() for k, v in parts.items()})
-                history.append(row)
-                log.info("covmatch %s", " ".join(f"{k} {v:.4g}" for k, v in row.items()))
+                ctx.run.metrics.write("method", **row)
+                if logged:
+                    history.append(row)
+                    log.info("covmatch %s", " ".join(f"{k} {v:.4g}" for k, v in row.items()))
             if (step + 1) % every == 0 and step + 1 < steps:
                 check.flush()  # a checkpoint is always a finite set
                 online.flush()
                 checkpoint(step + 1)
+            if val_every > 0 and ((step + 1) % val_every == 0 or step + 1 == steps):
+                check.flush()  # never score a diverged set
+                watch(step + 1)
             if task is not None:
                 ctx.progress.advance(task)
         check.flush()
         if online is not None:
             online.flush()
-        sec_per_step = (time.perf_counter() - t0) / max(steps - start, 1)
+        sec_per_step = (time.perf_counter() - t0 - watching) / max(steps - start, 1)
         far = out_of_range(self.bounds, images=images, texts=texts)
         if far:
             self._diverged(ctx, steps, far)

@@ -238,6 +238,7 @@ class MDW(TrajectoryMatching):
                 true_clean,
                 say=log.info,
                 progress=ctx.progress,
+                metrics=ctx.run.metrics,
             )
             self._clean = rb.clean
             detection = {

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from mmdistill import io
 from mmdistill.errors import UserError
+from mmdistill.metrics import Metrics
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.student import Student
 from mmdistill.training.experts import (
@@ -62,11 +63,12 @@ from mmdistill.training.experts import (
     ParamLayout,
     buffer_dir,
     buffer_key,
+    expert_curve,
     split_fingerprint,
     train_expert,
 )
 from mmdistill.training.features import RealSplit
-from mmdistill.training.trainer import Batches, BatchLoss, Recipe, Trainer
+from mmdistill.training.trainer import Batches, BatchLoss, LogHook, Recipe, Trainer
 
 log = logging.getLogger(__name__)
 ROBUST_VERSION = 1
@@ -432,6 +434,7 @@ def train_robust_expert(
     index: int,
     device: str,
     on_epoch: Callable[[int], None] | None = None,
+    on_log: LogHook | None = None,
 ) -> tuple[Tensor, ParamLayout, dict[str, Any]]:
     """An expert with the ordinary SGD settings on InfoNCE(kept pairs) + complementary(all)."""
     return train_expert(
@@ -443,6 +446,7 @@ def train_robust_expert(
         device,
         on_epoch,
         batch_loss=dual_track_loss(train, keep, comp_weight, device),
+        on_log=on_log,
     )
 
 
@@ -478,6 +482,7 @@ def find_or_build_robust_buffer(
     true_clean: Tensor | None = None,
     say: Callable[[str], None] = log.info,
     progress: Any = None,
+    metrics: Metrics | None = None,
 ) -> RobustBuffer:
     """The dual-track buffer for this data: detection once, then the experts it lacks.
 
@@ -519,8 +524,9 @@ def find_or_build_robust_buffer(
                 progress.update(t, completed=e)
 
         keep = _keep(det.prob[1 - i % 2], dual.select_threshold)
+        curve = expert_curve(metrics, f"robust/{i}")
         traj, layout, stats = train_robust_expert(
-            encoder, train, val, settings, keep, dual.comp_weight, i, device, on_epoch
+            encoder, train, val, settings, keep, dual.comp_weight, i, device, on_epoch, on_log=curve
         )
         stats.update(
             track="AB"[i % 2],

@@ -34,22 +34,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmdistill import io
 from mmdistill.errors import UserError
-from mmdistill.methods.base import DistillContext, keep_partial, out_of_range, sane_bounds
+from mmdistill.methods.base import (
+    DistillContext,
+    keep_partial,
+    out_of_range,
+    sane_bounds,
+    val_r_mean,
+)
 from mmdistill.models.lora import LoraSettings
 from mmdistill.models.student import Student
 from mmdistill.runs import Run
 from mmdistill.training.experts import Buffer, ParamLayout, build_student, find_or_build_buffer
 from mmdistill.training.losses import LOSSES
 from mmdistill.training.pairs import PairSet
-from mmdistill.training.protocol import run_protocol
-from mmdistill.training.retrieval import NonFiniteEmbeddings
 from mmdistill.training.similarity import build_similarity
 
 log = logging.getLogger(__name__)
@@ -404,6 +408,7 @@ class TrajectoryMatching:
             explicit=self.cfg.get("buffer"),
             say=log.info,
             progress=ctx.progress,
+            metrics=ctx.run.metrics,
         )
 
     def _synthetic(self, ctx: DistillContext, n: int) -> Synthetic:
@@ -522,6 +527,10 @@ class TrajectoryMatching:
             score = self._val_score(ctx, syn.pairset(self.loss_name, loop.meta))
             wall = time.perf_counter() - clock
             state["val_history"].append([it, score, wall])
+            if score is not None:
+                ctx.run.metrics.write("method", it, wall=wall, val_r_mean=score)
+                if task is not None:
+                    ctx.progress.update(task, info=f"val r_mean {score:.2f}")
             if score is not None and (state["best_val"] is None or score > state["best_val"]):
                 state.update(best_val=score, best_iteration=it, best_wall=wall)
                 loop.best = syn.snapshot()
@@ -537,6 +546,14 @@ class TrajectoryMatching:
             state["iteration"] = it
             if it % max(1, iterations // 100) == 0 or it == iterations:
                 state["loss_history"].append([it, loss])
+                ctx.run.metrics.write(
+                    "method",
+                    it,
+                    wall=time.perf_counter() - clock,
+                    loss=loss,
+                    step_image=syn.step_image.item(),
+                    step_text=syn.step_text.item(),
+                )
             if eval_every > 0 and (it % eval_every == 0 or it == iterations):
                 score = validate(it)
                 shown = "diverged" if score is None else f"{score:.2f}"
@@ -567,26 +584,8 @@ class TrajectoryMatching:
         return syn.pairset(self.loss_name, loop.meta)
 
     def _val_score(self, ctx: DistillContext, pairs: PairSet) -> float | None:
-        """Mean val r_mean of a few students trained on the current set: the protocol's own
-        students (parallel on CPU), on val, with fixed seeds 10,000,000 + k."""
-        eval_cfg = OmegaConf.merge(
-            ctx.eval, {"selection": "final", "students": int(self.cfg.val_students)}
-        )
-        try:
-            res = run_protocol(
-                ctx.encoder,
-                pairs,
-                eval_cfg,
-                ctx.val,
-                None,
-                ctx.device,
-                10_000,
-                log_level=logging.DEBUG,
-            )
-        except NonFiniteEmbeddings:
-            log.warning("%s: val students diverged on the current set; not selectable", self.name)
-            return None
-        return res.summary["r_mean"]["mean"]
+        """Mean val r_mean of `val_students` students trained on the current set."""
+        return val_r_mean(ctx, pairs, int(self.cfg.val_students), self.name)
 
     def _stop(
         self,

@@ -18,7 +18,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mmdistill.errors import UserError
 from mmdistill.methods import METHODS
@@ -132,7 +132,7 @@ class Table:
         train = {r.train_pairs for c in column for r in c.results}
         extra = ""
         if len(train) == 1 and None not in train:
-            extra = f" ({100 * value / train.pop():.2g}%)"
+            extra = f" ({percent(100 * value / train.pop())})"
         return f"{int(value)} pairs{extra}"
 
     def best(self, budget: tuple, metric: str) -> float | None:
@@ -143,6 +143,12 @@ class Table:
             if row[0] != FULL and (row, budget) in self.cells
         ]
         return max(means) if len(means) > 1 else None
+
+
+def percent(p: float) -> str:
+    """Two significant digits, never in exponent form: 2.9%, 14%, 100%."""
+    text = f"{p:.2g}"
+    return f"{p:.0f}%" if "e" in text else f"{text}%"
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -388,11 +394,15 @@ def protocol_line(table: Table) -> str:
 
 
 def method_line(table: Table) -> str:
-    """Each method's own hyper-parameters (shared by its rows)."""
-    return "; ".join(
-        f"{m}: " + ", ".join(f"{k.removeprefix('method.')}={v}" for k, v in params.items())
-        for m, params in table.method_shared.items()
-        if params
+    """Where each method's own hyper-parameters are, when any method has some: the rows'
+    Setting column shows what differs between rows; every value is in table.csv (protocol)
+    and the sweep's report.html (a full listing would run to thousands of characters)."""
+    methods = [m for m, params in table.method_shared.items() if params]
+    if not methods:
+        return ""
+    return (
+        f"{', '.join(methods)} hyper-parameters in full: table.csv (protocol column) and "
+        "`mmdistill report`"
     )
 
 
@@ -532,8 +542,37 @@ def latex(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: Table, path: Path) -> None:
-    """r_mean against the number of pairs, one line per row; full data as a dashed line."""
+def _x(table: Table, budget: tuple) -> int:
+    """Where a budget sits on the pairs axis: the pairs asked for (LoRS's 99 pairs + S and
+    MDW's 94 + P sit at 100, as their column does), or a ratio's pairs."""
+    if budget[0] == "pairs":
+        return int(budget[1])
+    pairs = [c.pairs for (_, b), c in table.cells.items() if b == budget]
+    return round(sum(pairs) / len(pairs))
+
+
+def budget_ticks(xs: list[int]) -> tuple[list[int], bool]:
+    """The budgets to label on the pairs axis, and whether it is logarithmic (budgets spanning
+    4x or more): a budget too close to the last labelled one (under 1.25x on a log axis, 6% of
+    the range on a linear one) is left unlabelled, so labels never overprint."""
+    if not xs:
+        return [], False
+    log = max(xs) >= 4 * min(xs)
+    ticks: list[int] = []
+    for x in sorted(set(xs)):
+        if not ticks:
+            ticks.append(x)
+            continue
+        gap = x / ticks[-1] if log else (x - ticks[-1]) / (max(xs) - min(xs))
+        if gap >= (1.25 if log else 0.06):
+            ticks.append(x)
+    return ticks, log
+
+
+def plot(table: Table, path: Path | BinaryIO) -> None:
+    """r_mean against the number of pairs, one line per row, a log axis where budgets span a
+    wide range (ticks at the budgets, labels that would overprint left out); full data as a
+    dashed line in its mean±std band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -545,12 +584,12 @@ def plot(table: Table, path: Path) -> None:
     for row in table.rows:
         label = table.label(row) + (f" ({table.setting(row)})" if table.has_setting else "")
         if row[0] == FULL:
-            cell = table.cells[(row, ("full", 0))]
-            mean, _ = cell.stat("r_mean")
-            ax.axhline(mean, linestyle="--", color="gray", label=label)
+            mean, std = table.cells[(row, ("full", 0))].stat("r_mean")
+            line = ax.axhline(mean, linestyle="--", color="gray", label=f"{label}, ±std")
+            ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.15)
             continue
         points = sorted(
-            (table.cells[(row, b)].pairs, *table.cells[(row, b)].stat("r_mean"))
+            (_x(table, b), *table.cells[(row, b)].stat("r_mean"))
             for b in table.budgets
             if (row, b) in table.cells
         )
@@ -564,19 +603,20 @@ def plot(table: Table, path: Path) -> None:
             capsize=3,
             label=label,
         )
-    if xs_all and max(xs_all) >= 4 * min(xs_all):
+    ticks, log = budget_ticks(xs_all)
+    if log:
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    if xs_all:  # label the budgets themselves, as plain numbers
-        ax.set_xticks(sorted(set(xs_all)))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("pairs")
+    if ticks:  # label the budgets themselves, as plain numbers
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.set_xlabel("pairs" + (" (log scale)" if log else ""))
     ax.set_ylabel("r_mean (%)")
     ax.set_title("Retrieval r_mean vs budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 
 

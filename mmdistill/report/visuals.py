@@ -8,6 +8,9 @@
   text features (feature space) or mean token embeddings (token space).
 * `similarity.png`: the learned target similarity / correspondence matrix, when the set has one.
 
+`set_entries` gives the same reading pair by pair (an image and its decoded caption), which the
+report lays out as a captioned grid.
+
 The distill job calls `export_run` at its end with what it already holds; the command rebuilds
 the training split from the run's saved config (features come from the cache).
 """
@@ -15,7 +18,9 @@ the training split from the run's saved config (features come from the cache).
 from __future__ import annotations
 
 import copy
+import io as stdio
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +105,7 @@ def text_vectors(texts: Tensor, mask: Tensor | None, encoder: Encoder | None) ->
     return torch.cat(out)
 
 
-def _real_train(
+def real_train(
     cfg: DictConfig, run_dir: Path, device: str
 ) -> tuple[Encoder, RealSplit, ImageTextSplit]:
     """Rebuild the run's training split (noise included) the way the distill job read it."""
@@ -139,7 +144,7 @@ def export_run(
     if max_images < 1:
         raise UserError(f"--max {max_images}: show at least one image")
     if train is None:
-        encoder, train, train_images = _real_train(cfg, run_dir, device)
+        encoder, train, train_images = real_train(cfg, run_dir, device)
     elif encoder is None and not is_text_features(pairs.texts):
         encoder = build_encoder(cfg.encoder)  # token-space texts are compared as embeddings
     written = []
@@ -183,19 +188,84 @@ def _nearest_images(
     return [out / "grid_nearest.png", out / "grid_nearest.txt"]
 
 
-def _captions(pairs: PairSet, train: RealSplit, encoder: Encoder | None, out: Path) -> Path:
-    syn = text_vectors(pairs.texts, pairs.text_mask, encoder)
+def nearest_captions(
+    pairs: PairSet, train: RealSplit, encoder: Encoder | None, limit: int | None = None
+) -> list[tuple[str, float]]:
+    """Each synthetic text (the first `limit`) as its nearest real training caption, with the
+    cosine similarity it was read at."""
+    end = len(pairs) if limit is None else min(limit, len(pairs))
+    mask = None if pairs.text_mask is None else pairs.text_mask[:end]
+    syn = text_vectors(pairs.texts[:end], mask, encoder)
     real = text_vectors(train.texts, train.text_mask, encoder)
     sims, idx = nearest(syn, real, 1)
+    return [(train.captions[int(idx[i, 0])], sims[i, 0].item()) for i in range(len(syn))]
+
+
+def _captions(pairs: PairSet, train: RealSplit, encoder: Encoder | None, out: Path) -> Path:
     lines = [
-        f"{i}\t{sims[i, 0].item():.3f}\t{train.captions[int(idx[i, 0])]}" for i in range(len(syn))
+        f"{i}\t{cos:.3f}\t{caption}"
+        for i, (caption, cos) in enumerate(nearest_captions(pairs, train, encoder))
     ]
     io.write_text(out / "captions.txt", "\n".join(lines) + "\n")
     return out / "captions.txt"
 
 
+@dataclass
+class Entry:
+    """One distilled pair as a person reads it: an image and the caption it decodes to."""
+
+    image: Image.Image
+    caption: str
+    image_note: str  # how the image was read ("" for real pixels)
+    caption_cos: float  # cosine to the nearest real caption (1.0: a real caption itself)
+
+
+def set_entries(
+    cfg: DictConfig,
+    pairs: PairSet,
+    encoder: Encoder | None,
+    train: RealSplit,
+    train_images: ImageTextSplit | None,
+    limit: int,
+) -> list[Entry]:
+    """The first `limit` pairs: distilled pixels de-normalised (small images enlarged), or in
+    feature space each feature's nearest real training image; captions decoded by nearest
+    real caption."""
+    if encoder is None and not is_text_features(pairs.texts):
+        encoder = build_encoder(cfg.encoder)
+    captions = nearest_captions(pairs, train, encoder, limit)
+    images = pairs.images[: len(captions)].detach().cpu()
+    if is_image_features(images):
+        if train_images is None:
+            train_images = build_dataset(cfg.dataset).split("train")
+        sims, idx = nearest(images, train.images, 1)
+        ids = train_images.rows["image_id"]
+        tiles, notes = [], []
+        for i in range(len(images)):
+            j = int(idx[i, 0])
+            tiles.append(train_images.image(j).convert("RGB"))
+            notes.append(f"nearest real image {ids[j]} (cos {sims[i, 0].item():.2f})")
+    else:
+        pixels = denormalise(images, cfg.encoder)
+        scale = max(1, MIN_TILE // pixels.shape[-1])
+        pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        array = (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        tiles, notes = [Image.fromarray(a) for a in array], [""] * len(images)
+    return [
+        Entry(tile, caption, note, cos)
+        for tile, note, (caption, cos) in zip(tiles, notes, captions, strict=True)
+    ]
+
+
 @torch.no_grad()
 def _heatmap(pairs: PairSet, out: Path, limit: int) -> Path:
+    (out / "similarity.png").write_bytes(heatmap_png(pairs, limit))
+    return out / "similarity.png"
+
+
+@torch.no_grad()
+def heatmap_png(pairs: PairSet, limit: int) -> bytes:
+    """The learned target similarity / correspondence matrix (first `limit` pairs) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,6 +283,7 @@ def _heatmap(pairs: PairSet, out: Path, limit: int) -> Path:
     ax.set_xlabel("text")
     ax.set_ylabel("image")
     fig.tight_layout()
-    fig.savefig(out / "similarity.png", dpi=120)
+    buffer = stdio.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    return out / "similarity.png"
+    return buffer.getvalue()

@@ -31,12 +31,13 @@ from torch import Tensor
 
 from mmdistill import io
 from mmdistill.errors import UserError
+from mmdistill.metrics import Metrics
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.lora import LoraSettings, lora_student
 from mmdistill.models.student import Student
 from mmdistill.training.features import RealSplit, encoder_identity
 from mmdistill.training.protocol import evaluate
-from mmdistill.training.trainer import Batches, BatchLoss, Recipe, Trainer, pair_loss
+from mmdistill.training.trainer import Batches, BatchLoss, LogHook, Recipe, Trainer, pair_loss
 
 log = logging.getLogger(__name__)
 # Bumped when expert training changes, so buffers from older code are rebuilt, not reused.
@@ -244,20 +245,24 @@ def train_expert(
     device: str,
     on_epoch: Callable[[int], None] | None = None,
     batch_loss: BatchLoss | None = None,
+    on_log: LogHook | None = None,
 ) -> tuple[Tensor, ParamLayout, dict[str, Any]]:
     """Train expert `index`; returns its trajectory `[epochs + 1, P]`, layout and stats.
 
     `batch_loss(student, pair_indices)` replaces the symmetric InfoNCE of the batch (MDW's
-    dual-track experts pass theirs)."""
+    dual-track experts pass theirs); `on_log` receives the trainer's loss records."""
     seed = settings.seed + index
     student = build_student(encoder, seed, settings.lora).to(device).train()
     layout = ParamLayout.of(student)
+    steps_per_epoch = math.ceil(train.n_pairs / settings.batch_size)
     trainer = Trainer(
         student,
         settings.recipe,
         batch_loss or pair_loss(train.pairset(), "infonce", device),
+        total_steps=settings.epochs * steps_per_epoch,  # the length of its curve, not a schedule
         what=f"expert {index}",
         hint=f"lower expert.lr (now {settings.lr})",
+        on_log=on_log,
     )
     gen = torch.Generator().manual_seed(seed)
     snapshots = [layout.flatten(student).cpu()]
@@ -273,7 +278,17 @@ def train_expert(
     stats: dict[str, Any] = {"index": index, "seed": seed, "seconds": time.perf_counter() - t0}
     if val is not None:
         stats["val_r_mean"] = evaluate(student, val, device)["r_mean"]
+        if on_log is not None:
+            on_log({"step": trainer.step_count, "val_r_mean": stats["val_r_mean"]})
     return torch.stack(snapshots), layout, stats
+
+
+def expert_curve(metrics: Metrics | None, stream: str) -> LogHook | None:
+    """A trainer hook that writes an expert's records to the run's metrics under `stream`."""
+    if metrics is None:
+        return None
+    metrics.start(stream)
+    return lambda record: metrics.write(stream, **record)
 
 
 # ------------------------------------------------------------------------------ the buffer
@@ -346,11 +361,13 @@ def find_or_build_buffer(
     indices: list[int] | None = None,
     say: Callable[[str], None] = print,
     progress: Any = None,
+    metrics: Metrics | None = None,
 ) -> Buffer:
     """The buffer matching this data/encoder/expert config, training missing experts first.
 
     `explicit` is a buffer folder the user named: it must carry this run's key, else the error
     names both. `indices` (default: all `expert_cfg.num_experts`) are the experts to ensure.
+    Experts trained here write their curves (stream `expert/<i>`) to `metrics`.
     """
     settings = ExpertSettings.from_cfg(expert_cfg)
     key, parts = buffer_key(encoder, train, dataset_name, noise, settings)
@@ -384,8 +401,9 @@ def find_or_build_buffer(
             if task is not None:
                 progress.update(task, completed=epoch)
 
+        curve = expert_curve(metrics, f"expert/{i}")
         traj, layout, stats = train_expert(
-            encoder, train, val, settings, i, device, on_epoch=on_epoch
+            encoder, train, val, settings, i, device, on_epoch=on_epoch, on_log=curve
         )
         buf.write_expert(i, traj, layout, stats)
         if task is not None:

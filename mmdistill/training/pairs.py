@@ -54,10 +54,11 @@ class PairSet:
 
     def to(self, device: torch.device | str) -> PairSet:
         """The same set with its tensors on `device` (a no-op where they already are), so
-        batches are gathered there instead of copied from host memory every step."""
+        batches are gathered there instead of copied from host memory every step. Streamed
+        pixels (a PixelStore) stay where they are: they are read from disk by rows per batch."""
 
         def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
+            return t.to(device) if isinstance(t, Tensor) else t
 
         return replace(
             self,

@@ -4,6 +4,10 @@ Every switch that changes the numbers is config (`conf/eval/`) and recorded with
 the student recipe (optimizer, lr or the set's learned step sizes, steps, batch, weight decay,
 feature dropout, schedule), checkpoint selection (final step, best on val, or the papers'
 best-on-test preset), and the student loss.
+
+Each student also brings back its curve (loss and learning rates every few steps, and the
+selection checks' r_mean) with its record; the caller writes it to the run's metrics, so forked
+workers never write a file themselves.
 """
 
 from __future__ import annotations
@@ -90,6 +94,14 @@ def train_student(
         hint=f"lower eval.lr (now {cfg.lr})",
     )
     best, best_state, history = -1.0, None, []
+    t0 = time.perf_counter()
+    curve: list[dict] = []
+
+    def log(record: dict) -> None:
+        curve.append({**record, "wall": time.perf_counter() - t0})
+
+    trainer.on_log = log
+    checked = "test_r_mean" if cfg.selection == "best_test" else "val_r_mean"
 
     def select(step: int) -> None:
         nonlocal best, best_state
@@ -102,13 +114,16 @@ def train_student(
         except NonFiniteEmbeddings:
             r = None  # a diverged checkpoint is never selected
         history.append({"step": step, "r_mean": r})
+        if r is not None:
+            curve.append({"step": step, checked: r, "wall": time.perf_counter() - t0})
         if r is not None and r > best:
             best, best_state = r, copy.deepcopy(student.state_dict())
 
     trainer.run(Batches(len(pairs), min(int(cfg.batch_size), len(pairs)), gen), steps, select)
     if best_state is not None:
         student.load_state_dict(best_state)
-    return student, {"history": history, "selected_r_mean": best if best_state else None}
+    hist = {"history": history, "selected_r_mean": best if best_state else None, "curve": curve}
+    return student, hist
 
 
 @dataclass
@@ -231,6 +246,13 @@ def _together(job: _StudentJob, todo: list[int]) -> list[dict]:
     if not stackable(students):
         raise ValueError("train_together allowed students that cannot be stacked")
     model = StackedStudent(students)
+    t0, curve = time.perf_counter(), []
+
+    def log(record: dict) -> None:  # the summed loss of K students, as their mean
+        curve.append(
+            {**record, "loss": record["loss"] / len(todo), "wall": time.perf_counter() - t0}
+        )
+
     trainer = Trainer(
         model,
         Recipe.from_cfg(job.cfg),
@@ -238,14 +260,17 @@ def _together(job: _StudentJob, todo: list[int]) -> list[dict]:
         total_steps=int(job.cfg.steps),
         pairs=job.pairs,
         hint=f"lower eval.lr (now {job.cfg.lr})",
+        on_log=log,
     )
     trainer.run(StackedBatches(batches), int(job.cfg.steps))
     model.unstack_into(students)
     records = []
     for k, student in zip(todo, students, strict=True):
         rec = _test(job, student, k)
-        rec.update(history=[], selected_r_mean=None)
+        rec.update(history=[], selected_r_mean=None, curve=[])
         records.append(rec)
+    if records:  # one curve for the stacked model: it trains the K students as one
+        records[0].update(curve=curve, curve_stream="students")
     return records
 
 
@@ -290,8 +315,10 @@ def run_protocol(
     done: list[dict] | None = None,
     on_student: Callable[[list[dict]], None] | None = None,
     log_level: int = logging.INFO,
+    on_curve: Callable[[str, list[dict]], None] | None = None,
 ) -> ProtocolResult:
-    """Train `cfg.students` fresh students and test each; `done` resumes a partial run."""
+    """Train `cfg.students` fresh students and test each; `done` resumes a partial run.
+    `on_curve(stream, records)` receives each student's curve (stream `student/<k>`)."""
     results = list(done or [])
     if is_image_features(pairs.images):  # features sit on the device once, not per batch
         pairs = pairs.to(device)
@@ -299,6 +326,10 @@ def run_protocol(
     job = _StudentJob(encoder, pairs, cfg, test, select_on, device, seed)
     todo = list(range(len(results), int(cfg.students)))
     for rec in _students(job, todo, student_workers(cfg, device, len(todo))):
+        curve = rec.pop("curve", [])
+        stream = rec.pop("curve_stream", f"student/{rec['student']}")
+        if on_curve is not None and curve:
+            on_curve(stream, curve)
         results.append(rec)
         log.log(log_level, "student %d: r_mean %.2f", rec["student"], rec["r_mean"])
         if on_student:

@@ -12,7 +12,9 @@ coreset's student and CovMatch's online student differ only in
 
 Everything else is this loop: one divergence check, read from the device every
 `check_every` steps (a host sync per step would idle a GPU), then zero-grad, backward,
-scheduled learning rates and the optimizer step.
+scheduled learning rates and the optimizer step. An optional `on_log` hook receives the loss and
+learning rate every `log_every` steps (the run's curves); reading the loss is a host sync, so
+it happens on those steps only, and it draws nothing, so logging never changes a number.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "multistep", "none")
 
 BatchLoss = Callable[[Student, Tensor], Tensor]
+LogHook = Callable[[dict[str, float]], None]
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,11 @@ def default_check_every(device: torch.device | str) -> int:
     return 1 if torch.device(device).type == "cpu" else 25
 
 
+def default_log_every(total_steps: int) -> int:
+    """About 50 points per curve when the length is known; every 10 steps otherwise."""
+    return max(1, total_steps // 50) if total_steps > 0 else 10
+
+
 class Trainer:
     """Steps one student: loss hook, divergence check, optimizer step at the scheduled rate.
 
@@ -270,6 +278,8 @@ class Trainer:
         what: str = "student",
         hint: str = "lower the learning rate",
         check_every: int | None = None,
+        on_log: LogHook | None = None,
+        log_every: int | None = None,
     ) -> None:
         self.student = student
         self.recipe = recipe
@@ -281,6 +291,8 @@ class Trainer:
         device = next((p.device for p in student.parameters()), torch.device("cpu"))
         self.check = FiniteCheck(check_every or default_check_every(device), self._raise)
         self.step_count = 0
+        self.on_log = on_log
+        self.log_every = log_every or default_log_every(total_steps)
 
     def step(self, idx: Tensor) -> Tensor:
         """One optimizer step on the pairs `idx`; returns the batch loss (detached)."""
@@ -297,6 +309,16 @@ class Trainer:
                 g["lr"] = lr * factor
         self.opt.step()
         self.step_count += 1
+        if self.on_log is not None and (
+            self.step_count % self.log_every == 0 or self.step_count == self.total
+        ):
+            # One learning rate shows the schedule (it scales every group alike): the heads'.
+            groups = self.opt.param_groups
+            lr = next(
+                (g["lr"] for g in groups if str(g.get("name", "")).endswith("head")),
+                groups[0]["lr"],
+            )
+            self.on_log({"step": self.step_count, "loss": loss.detach().item(), "lr": lr})
         return loss.detach()
 
     def flush(self) -> None:
