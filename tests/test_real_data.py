@@ -144,3 +144,18 @@ def test_mdw_on_noisy_data_beats_random_and_detects_clean_pairs(noisy: Bench) ->
     assert load_mask(noisy.run.path) is not None
     print(f"mdw {score:.2f} vs best random {noisy.random:.2f}; detection {detection}")
     assert score > noisy.random + 10, (score, noisy.random)
+
+
+def test_robust_covmatch_beats_plain_covmatch_on_noisy_data(noisy: Bench) -> None:
+    """At noise 0.5, the same 1,000 of 10,000 steps for both (benchmark: robust 41.4 vs plain
+    36.2), the dual-track detection shortened to 2 of its 3 rounds. Plain CovMatch is already
+    robust in expectation (shuffled pairs add no cross-covariance); weighting its statistics
+    by the detected clean probabilities must still gain."""
+    plain, _ = noisy.score("covmatch", "method.steps=1000")
+    robust, pairs = noisy.score(
+        "covmatch_robust", "method.steps=1000", "method.robust.dual.rounds=2"
+    )
+    report = pairs.meta["robust"]
+    print(f"covmatch_robust {robust:.2f} vs covmatch {plain:.2f}; detection {report}")
+    assert report["detection"]["precision"] >= 0.8, report
+    assert robust > plain + 2, (robust, plain)
