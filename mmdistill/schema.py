@@ -328,6 +328,9 @@ ENCODER_COMMON = {
     "encoder.covmatch_lr.image": Float(0, open_lo=True, optional=True),
     "encoder.covmatch_lr.text": Float(0, open_lo=True, optional=True),
     "encoder.covmatch_steps": Int(1, optional=True),
+    "encoder.trajectory_lr.image": Float(0, open_lo=True, optional=True),
+    "encoder.trajectory_lr.text": Float(0, open_lo=True, optional=True),
+    "encoder.trajectory_lr.step_size": Float(0, open_lo=True, optional=True),
     "encoder.seed": Int(0, optional=True),
 }
 NORMALISE = Rule("list", item=Float(), lengths=(3,))

@@ -40,6 +40,15 @@ FAST = [
     "device=cpu",
     "threads=1",
 ]
+# The finished run and the cases read against it: random pairs, so the students start at once.
+RANDOM = ["method=random"]
+
+
+def random_unless(args: list[str]) -> list[str]:
+    """`args` with method=random in front, unless they choose a method themselves."""
+    return args if any(a.startswith("method=") for a in args) else [*RANDOM, *args]
+
+
 # The tiny encoder with frozen trunks: cached features, heads only (feature cache, CovMatch).
 FEATURES = ["encoder.train_image_trunk=false", "encoder.train_text_trunk=false"]
 
@@ -68,7 +77,7 @@ def process(*args: str, **popen: object) -> subprocess.CompletedProcess:
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished distill run; every case checks it is left byte-identical."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    p = process("distill", *FAST, f"hydra.run.dir={run}")
+    p = process("distill", *FAST, *RANDOM, f"hydra.run.dir={run}")
     assert p.returncode == 0, p.stderr
     return run
 
@@ -170,7 +179,7 @@ BAD_VALUES = [
     # unknown keys, with a suggestion
     (["eval.studnets=3"], "unknown key eval.studnets", "did you mean eval.students?"),
     (["+eval.studnets=3"], "unknown key eval.studnets", "did you mean eval.students?"),
-    (["method.rho=2"], "unknown key method.rho"),
+    (["method=random", "method.rho=2"], "unknown key method.rho"),
     (["+budget.pair=5"], "unknown key budget.pair", "did you mean budget.pairs?"),
     (["hydra.run.dri=/x"], "unknown key hydra.run.dri"),
     (["~eval.nope"], "~eval.nope deletes a key this config does not have"),
@@ -237,7 +246,7 @@ def test_schema_knows_every_student_loss() -> None:
 def test_identical_relaunch_of_a_finished_run_is_skipped(
     capsys: pytest.CaptureFixture, finished: Path
 ) -> None:
-    code, err = run_cli(capsys, "distill", *FAST, f"hydra.run.dir={finished}")
+    code, err = run_cli(capsys, "distill", *FAST, *RANDOM, f"hydra.run.dir={finished}")
     assert code == 0 and err.strip() == f"already done, skipped: {finished}"
     code, err = run_cli(capsys, "distill", f"resume={finished}")
     assert code == 0 and "already done, skipped" in err
@@ -258,7 +267,7 @@ def test_identical_relaunch_of_a_finished_run_is_skipped(
 def test_relaunch_of_a_finished_run_with_other_settings_is_refused(
     capsys: pytest.CaptureFixture, finished: Path, args: list[str], needles: tuple[str, ...]
 ) -> None:
-    fails(capsys, ["distill", *FAST, *args, f"hydra.run.dir={finished}"], *needles)
+    fails(capsys, ["distill", *FAST, *random_unless(args), f"hydra.run.dir={finished}"], *needles)
     fails(capsys, ["distill", f"resume={finished}", *args], *needles[:1])
 
 
@@ -309,7 +318,7 @@ def test_unfinished_run_keeps_its_label(
     if args[0] == "resume":
         command = ["distill", f"resume={run}", *args[1:]]
     else:
-        command = ["distill", *FAST, *args, f"hydra.run.dir={run}"]
+        command = ["distill", *FAST, *random_unless(args), f"hydra.run.dir={run}"]
     fails(capsys, command, *needles)
     assert files(run) == before  # a refused command touches nothing
 
@@ -809,7 +818,8 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_student_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
-    args = [*FAST[:1], "eval.students=4", "eval.workers=2", "eval.steps=100000", "device=cpu"]
+    args = [*FAST[:1], *RANDOM, "eval.students=4", "eval.workers=2", "eval.steps=100000"]
+    args.append("device=cpu")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmdistill.cli", "distill", *args, f"hydra.run.dir={tmp_path}"],
         cwd=REPO,

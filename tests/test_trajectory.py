@@ -360,3 +360,14 @@ def test_repblend_needs_frozen_trunks(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="train_image_trunk=false") as err:
         get_method("repblend")(compose_cfg("method=repblend").method).distill(ctx)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["mtt", "tesla", "lors", "mdw"])
+def test_default_encoder_step_sizes_stay_in_range(tmp_path: Path, method: str) -> None:
+    """`mmdistill distill method=<trajectory method>` runs on the default pixel-space encoder:
+    tiny's own step sizes (encoder.trajectory_lr) keep pixels and token embeddings in range,
+    where the feature-space defaults (100 / 100, lr_lr 0.01) stop as divergence."""
+    cfg = compose_cfg(f"method={method}", "method.iterations=8", "method.checkpoint_every=4")
+    assert (cfg.method.lr_img, cfg.method.lr_txt, cfg.method.lr_lr) == (1e-2, 1e-3, 1e-5)
+    pairs, _ = distill(tmp_path, cfg)
+    assert torch.isfinite(pairs.images).all() and torch.isfinite(pairs.texts).all()

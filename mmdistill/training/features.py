@@ -72,6 +72,10 @@ class RealSplit:
 # Encoder keys added after caches were first keyed: at these values they change nothing that
 # was computed before they existed, so they are left out of keys and old caches still match.
 NEUTRAL_DEFAULTS = {"augment": False, "tokenizer": None}
+# Per-encoder defaults of the methods' own lengths and step sizes added since: they never reach
+# a trunk, an expert or a student, so caches do not depend on them (covmatch_lr predates the
+# pinned keys and stays in them, so existing caches still match).
+METHOD_TUNING = ("covmatch_steps", "trajectory_lr")
 
 
 def encoder_identity(encoder: Encoder) -> dict:
@@ -80,6 +84,8 @@ def encoder_identity(encoder: Encoder) -> dict:
     for k, default in NEUTRAL_DEFAULTS.items():
         if k in cfg and cfg[k] == default:
             del cfg[k]
+    for k in METHOD_TUNING:
+        cfg.pop(k, None)
     return cfg
 
 
