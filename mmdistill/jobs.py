@@ -36,7 +36,7 @@ from mmdistill.report import pages, recall, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
-from mmdistill.training import precision
+from mmdistill.training import cost, precision
 from mmdistill.training.experts import find_or_build_buffer
 from mmdistill.training.features import RealSplit, real_split
 from mmdistill.training.pairs import PairSet
@@ -154,6 +154,7 @@ def _evaluate_pairs(
     }
     if pairs.partial:  # a set kept when its distillation stopped early
         results["partial"] = pairs.meta["partial"]
+    results["cost"] = cost.block(pairs, run.meta, torch.get_num_threads())
     io.write_json(run.path / "results.json", results)
     io.write_text(run.path / "recall.md", recall.markdown(title, res.summary, len(res.students)))
     recall.print_table(console, title, res.summary, len(res.students))
@@ -182,7 +183,11 @@ def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
                 pairs = method.distill(ctx)
             pairs = pairs.detached()
             pairs.meta.update(
-                method=cfg.method.name, budget=n, dataset=cfg.dataset.name, encoder=cfg.encoder.name
+                method=cfg.method.name,
+                budget=n,
+                dataset=cfg.dataset.name,
+                encoder=cfg.encoder.name,
+                **cost.buffer_record(pairs.meta),
             )
             pairs.save(distilled)
     _evaluate_pairs(

@@ -1,0 +1,104 @@
+"""The `cost` block: bytes counted per part by hand, the equivalent budget in pairs (LoRS's
+N-1 pairs + S against N plain pairs), expert-buffer bytes, and the run's side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdistill.training import cost
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.similarity import LowRankSimilarity
+
+
+def pixel_set() -> PairSet:
+    """4 pairs: 3x8x8 float32 pixels, 6x5 float32 token embeddings, an int64 mask, a rank-2 S
+    and two learned step sizes."""
+    return PairSet(
+        images=torch.zeros(4, 3, 8, 8),
+        texts=torch.zeros(4, 6, 5),
+        text_mask=torch.ones(4, 6, dtype=torch.long),
+        similarity=LowRankSimilarity(4, rank=2, alpha=1.0),
+        similarity_args={"kind": "lowrank", "n": 4, "rank": 2, "alpha": 1.0},
+        step_sizes={"image": 0.1, "text": 0.2},
+    )
+
+
+def test_bytes_are_counted_per_part_exactly() -> None:
+    c = cost.set_cost(pixel_set())
+    assert c["bytes_parts"] == {
+        "images": 4 * 3 * 8 * 8 * 4,
+        "texts": 4 * 6 * 5 * 4 + 4 * 6 * 8,
+        "similarity": (4 + 4 * 2 + 4 * 2) * 4,
+        "step_sizes": 2 * 4,
+        "other": 0,
+    }
+    assert c["bytes"] == 3072 + 672 + 80 + 8
+    assert c["pair_bytes"] == 3 * 8 * 8 * 4 + 6 * 5 * 4 + 6 * 8
+    assert c["pairs_equiv"] == pytest.approx(3832 / 936, abs=1e-4)
+    assert c["buffer_bytes"] is None
+
+
+def feature_set(n: int, rank: int | None) -> PairSet:
+    """Lite0 + MiniLM features (1280 + 384 float32), with LoRS's low-rank S when `rank`."""
+    sim = None if rank is None else LowRankSimilarity(n, rank=rank, alpha=1.0)
+    return PairSet(
+        images=torch.zeros(n, 1280),
+        texts=torch.zeros(n, 384),
+        similarity=sim,
+        similarity_args={} if rank is None else {"kind": "lowrank", "n": n, "rank": rank},
+        step_sizes={} if rank is None else {"image": 0.1, "text": 0.1},
+    )
+
+
+def test_plain_pairs_are_their_own_budget_and_s_weighs_extra() -> None:
+    plain = cost.set_cost(feature_set(100, None))
+    assert plain["pairs_equiv"] == 100 and plain["pair_bytes"] == (1280 + 384) * 4
+    lors = cost.set_cost(feature_set(99, 10))
+    # 99 pairs + S (99 x (1 + 2 x 10) floats) + 2 step sizes, in pairs of 6656 bytes
+    expected = 99 + (99 * 21 * 4 + 8) / 6656
+    assert lors["pairs_equiv"] == pytest.approx(expected, abs=1e-4)
+    # more than its 99 pairs: in Lite0 + MiniLM space a rank-10 S outweighs the pair it replaces
+    assert lors["pairs_equiv"] > 100 > 99
+
+
+def test_pairs_sharing_images_store_each_image_once() -> None:
+    real = PairSet(
+        images=torch.zeros(2, 16),
+        texts=torch.zeros(10, 4),
+        image_index=torch.arange(10) // 5,
+    )
+    c = cost.set_cost(real)
+    assert c["bytes_parts"]["images"] == 2 * 16 * 4 and c["bytes_parts"]["other"] == 10 * 8
+    assert c["pairs_equiv"] == pytest.approx((128 + 160 + 80) / 80)
+
+
+def fake_buffer(folder: Path, sizes: list[int]) -> None:
+    folder.mkdir()
+    (folder / "buffer.json").write_text(json.dumps({"key": "k"}))
+    for i, size in enumerate(sizes):
+        (folder / f"expert_{i:03d}.safetensors").write_bytes(b"x" * size)
+
+
+def test_buffer_bytes_count_the_experts_used(tmp_path: Path) -> None:
+    fake_buffer(tmp_path / "buf", [100, 200, 400])
+    meta = {"buffer": str(tmp_path / "buf"), "experts": 2}
+    assert cost.buffer_bytes(meta) == 300
+    assert cost.buffer_bytes({"buffer": str(tmp_path / "buf")}) == 700
+    assert cost.buffer_record(meta) == {"buffer_bytes": 300}
+    # the number recorded with the set wins: its buffer may be on another machine
+    assert cost.buffer_bytes({"buffer": "/nowhere", "buffer_bytes": 5}) == 5
+    assert cost.buffer_bytes({"buffer": "/nowhere"}) is None
+    assert cost.buffer_record({}) == {}
+
+
+def test_run_side_sums_stages_into_device_hours() -> None:
+    meta = {"timings": {"data": 1.5, "distill": 1800.0, "evaluate": 1798.5}, "device": "cpu"}
+    c = cost.block(feature_set(3, None), meta, threads=1)
+    assert c["wall_s"] == 3600.0 and c["stages_s"]["distill"] == 1800.0
+    assert c["device_hours"] == 1.0 and c["devices"] == 1 and c["device"] == "cpu"
+    assert c["peak_rss_mib"] > 0 and c["peak_gpu_mib"] is None
+    assert set(cost.FIELDS) <= set(c) and set(cost.GROUPS) <= set(c)
