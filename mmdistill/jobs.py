@@ -394,9 +394,16 @@ def table(args: list[str]) -> None:
         "--into", type=Path, help="also put the Markdown table into this document (a section)"
     )
     ap.add_argument("--section", default="results", help="the section's name for --into")
-    ns = ap.parse_args(args)
+    ap.add_argument(
+        "--columns",
+        type=tables.parse_columns,
+        default=tables.METRICS,
+        help="what each budget shows, e.g. r_mean,cost.bytes,cost.pairs_equiv,cost.wall_s "
+        "(also `columns=...`; default: TR/IR@1/5/10 and r_mean)",
+    )
+    ns = ap.parse_args([f"--columns={a[8:]}" if a.startswith("columns=") else a for a in args])
     results, problems = tables.collect(ns.folders)
-    built = tables.build(results, problems)
+    built = tables.build(results, problems, ns.columns)
     for line in built.warnings:
         print(line, file=sys.stderr)
     tables.print_rich(built)
