@@ -32,7 +32,7 @@ from mmdistill.methods import DistillContext, get_method
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import is_text_features
-from mmdistill.report import pages, recall, tables
+from mmdistill.report import pages, recall, share, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
@@ -252,13 +252,7 @@ def train(cfg: DictConfig, run_dir: Path, device: str) -> None:
 def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
     """Re-score a saved distilled set, on its own test split or another dataset's."""
     source = Path(str(cfg.source)).expanduser()
-    if not (source / "distilled.safetensors").is_file():
-        raise UserError(
-            f"source={source} holds no distilled.safetensors; point it at a distill run folder"
-        )
-    pairs = PairSet.load(
-        source / "distilled", fix="restore it from a copy, or distil again into a new run folder"
-    )
+    pairs = share.read_set(source)  # a distill run folder or a Hugging Face export
     run = Run(run_dir, "evaluate", device, int(cfg.seed))
     run.set(source=str(source))
     with progress_bar() as progress:
@@ -425,15 +419,28 @@ def export(args: list[str]) -> None:
     ap.add_argument("--max", type=int, default=64, help="images in the grid (default 64)")
     ap.add_argument("--neighbours", type=int, default=3, help="real images per feature row")
     ap.add_argument("--device", default="cpu", help="for encoding uncached features")
+    ap.add_argument(
+        "--format",
+        choices=sorted(EXPORTS),
+        default="png",
+        help="png: grid, captions and heat-map files (default); hf: a Hugging Face datasets "
+        "folder with a dataset card (default --out: <run>/hf)",
+    )
     ns = ap.parse_args(args)
     if not ns.run.is_dir():
         raise UserError(f"{ns.run} is not a folder; give a distill run folder")
     register_resolvers()
-    files = export_run(
-        ns.run, out=ns.out, max_images=ns.max, neighbours=ns.neighbours, device=ns.device
-    )
+    files = EXPORTS[ns.format](ns)
     for f in files:
         print(f, file=sys.stderr)
+
+
+EXPORTS: dict[str, Callable[[argparse.Namespace], list[Path]]] = {
+    "png": lambda ns: export_run(
+        ns.run, out=ns.out, max_images=ns.max, neighbours=ns.neighbours, device=ns.device
+    ),
+    "hf": lambda ns: [share.export_hf(ns.run, out=ns.out, device=ns.device)],
+}
 
 
 def report(args: list[str]) -> None:
