@@ -362,8 +362,8 @@ def read_set(source: Path) -> PairSet:
     if is_hf_folder(source):
         return load_hf(source)
     raise UserError(
-        f"source={source} holds neither distilled.safetensors nor a Hugging Face export; point "
-        "it at a distill run folder or a `mmdistill export --format hf` folder"
+        f"source={source} holds no distilled.safetensors and no Hugging Face export; point it "
+        "at a distill run folder or a `mmdistill export --format hf` folder"
     )
 
 
