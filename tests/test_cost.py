@@ -4,6 +4,9 @@ N-1 pairs + S against N plain pairs), expert-buffer bytes, and the run's side.""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ import torch
 from mmdistill.training import cost
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.similarity import LowRankSimilarity
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pixel_set() -> PairSet:
@@ -102,3 +107,27 @@ def test_run_side_sums_stages_into_device_hours() -> None:
     assert c["device_hours"] == 1.0 and c["devices"] == 1 and c["device"] == "cpu"
     assert c["peak_rss_mib"] > 0 and c["peak_gpu_mib"] is None
     assert set(cost.FIELDS) <= set(c) and set(cost.GROUPS) <= set(c)
+
+
+def test_train_results_count_the_real_split_as_stored(tmp_path: Path) -> None:
+    """Full shapes data on the tiny encoder: 60 images kept as 32 px uint8 rows in the image
+    cache, 300 captions as 24 token ids + 24 mask values (int64), 300 image indices."""
+    p = subprocess.run(
+        [sys.executable, "-m", "mmdistill.cli", "train", "dataset.split_sizes=[60,20,20]",
+         "eval.students=1", "eval.steps=5", "device=cpu", "threads=1",
+         f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    c = json.loads((tmp_path / "results.json").read_text())["cost"]
+    assert c["bytes_parts"] == {
+        "images": 60 * 3 * 32 * 32,
+        "texts": 300 * 2 * 24 * 8,
+        "similarity": 0,
+        "step_sizes": 0,
+        "other": 300 * 8,
+    }
+    assert c["pair_bytes"] == 3 * 32 * 32 + 2 * 24 * 8
+    assert c["pairs_equiv"] == pytest.approx(301920 / 3456, abs=1e-4)  # < 300: shared images
+    assert set(c["stages_s"]) == {"data", "evaluate"} and c["threads"] == 1
+    assert c["wall_s"] == pytest.approx(sum(c["stages_s"].values()), abs=1e-3)
