@@ -182,6 +182,9 @@ def test_export_never_overwrites_a_foreign_folder(runs: dict, tmp_path: Path) ->
     with pytest.raises(UserError, match="not an mmdistill export; give an empty --out"):
         share.export_hf(runs["pixel"], out=tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="not an mmdistill export"):
+        share.export_hf(runs["pixel"], out=tmp_path / "mine.txt")
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
     first = share.export_hf(runs["pixel"], out=tmp_path / "again")
     assert share.export_hf(runs["pixel"], out=first) == first  # an earlier export is replaced
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left

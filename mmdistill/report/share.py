@@ -32,11 +32,13 @@ from torch import Tensor
 
 from mmdistill import __version__, io
 from mmdistill.config import run_config
+from mmdistill.data.base import ImageTextSplit
 from mmdistill.errors import UserError
 from mmdistill.models.student import is_image_features
 from mmdistill.report.tables import METRICS
 from mmdistill.report.visuals import denormalise, nearest, nearest_captions, real_train
 from mmdistill.runs import git_state
+from mmdistill.training.features import RealSplit
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.similarity import build_similarity
 
@@ -105,7 +107,11 @@ def _tensors(pairs: PairSet) -> dict[str, Tensor]:
 
 
 def _pictures(
-    cfg: DictConfig, pairs: PairSet, train: Any, train_images: Any, index: Tensor
+    cfg: DictConfig,
+    pairs: PairSet,
+    train: RealSplit,
+    train_images: ImageTextSplit,
+    index: Tensor,
 ) -> dict[str, list]:
     """Each pair's image as a PNG: its de-normalised pixels, or its feature's nearest real
     training image (with the image's id and the cosine it was found at)."""
@@ -137,7 +143,8 @@ def export_hf(run_dir: Path, out: Path | None = None, device: str = "cpu") -> Pa
 
     run_dir = Path(run_dir)
     out = Path(out or run_dir / "hf")
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+    replaceable = out.is_dir() and (not any(out.iterdir()) or (out / MARKER).is_file())
+    if out.exists() and not replaceable:
         raise UserError(f"{out} exists and is not an mmdistill export; give an empty --out")
     if not (run_dir / "distilled.safetensors").is_file():
         raise UserError(
