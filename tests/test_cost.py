@@ -131,3 +131,30 @@ def test_train_results_count_the_real_split_as_stored(tmp_path: Path) -> None:
     assert c["pairs_equiv"] == pytest.approx(301920 / 3456, abs=1e-4)  # < 300: shared images
     assert set(c["stages_s"]) == {"data", "evaluate"} and c["threads"] == 1
     assert c["wall_s"] == pytest.approx(sum(c["stages_s"].values()), abs=1e-3)
+
+
+def test_a_lors_set_counts_s_its_step_sizes_and_its_buffer(tmp_path: Path) -> None:
+    """A real LoRS run at budget 9 (frozen tiny trunks): 8 pairs + S + 2 step sizes weigh more
+    than 8 pairs, its expert buffer is recorded with the set, and its page shows both."""
+    p = subprocess.run(
+        [sys.executable, "-m", "mmdistill.cli", "distill", "dataset.split_sizes=[60,20,30]",
+         "eval.students=1", "eval.steps=5", "budget.pairs=9", "device=cpu", "threads=1",
+         "method=lors", "encoder.train_image_trunk=false", "encoder.train_text_trunk=false",
+         "expert.num_experts=1", "expert.epochs=2", "method.iterations=2",
+         "method.syn_steps=2", "method.max_start_epoch=1", "method.eval_every=0",
+         "method.batch_syn=4", "method.lr_img=1", "method.lr_txt=1",
+         f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    c = json.loads((tmp_path / "results.json").read_text())["cost"]
+    saved = json.loads((tmp_path / "distilled.json").read_text())
+    rank = saved["similarity"]["rank"]
+    assert saved["pairs"] == 8 and c["bytes_parts"]["similarity"] == 8 * (1 + 2 * rank) * 4
+    assert c["bytes_parts"]["step_sizes"] == 8
+    assert c["pairs_equiv"] > 9 > 8  # more than the budget it is filed under
+    buffer = Path(saved["meta"]["buffer"])
+    expert = sum(f.stat().st_size for f in buffer.glob("expert_*.safetensors"))
+    assert c["buffer_bytes"] == saved["meta"]["buffer_bytes"] == expert > 0
+    page = (tmp_path / "report.html").read_text()
+    assert f"= {c['pairs_equiv']} pairs of" in page and "expert buffers used" in page
