@@ -70,6 +70,9 @@ def test_pixel_export_loads_in_datasets_and_evaluates_to_the_same_digits(
     runs: dict, tmp_path: Path
 ) -> None:
     run = runs["pixel"]
+    meta = json.loads((run / "meta.json").read_text())
+    meta["git"] = {"sha": "0123456789abcdef", "dirty": True}  # as if made by another commit
+    (run / "meta.json").write_text(json.dumps(meta))
     p = mmdistill("export", str(run), "--format", "hf")
     assert p.returncode == 0, p.stderr
     folder = run / "hf"
@@ -84,6 +87,7 @@ def test_pixel_export_loads_in_datasets_and_evaluates_to_the_same_digits(
     card = (folder / "README.md").read_text()
     assert "# random · 8 pairs · shapes (tiny)" in card and "r_mean" in card
     assert "equivalent budget: 8.0 pairs" in card
+    assert "(commit 0123456789, with uncommitted changes)" in card  # the run's, not this one's
     same_sets(saved, share.read_set(folder))
     scores = {}
     for name, source in (("run", run), ("hf", folder)):

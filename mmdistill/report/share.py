@@ -178,7 +178,8 @@ def export_hf(run_dir: Path, out: Path | None = None, device: str = "cpu") -> Pa
         features[name] = _feature(tuple(t.shape[1:]), dtype)
         shapes[name] = {"dtype": dtype, "shape": list(t.shape)}
     results = _optional_json(run_dir / "results.json")
-    info = _marker(cfg, pairs, shapes, results, run_dir)
+    made = _optional_json(run_dir / "meta.json")
+    info = _marker(cfg, pairs, shapes, results, made, run_dir)
     card = dataset_card(info)
     features = datasets.Features(features)
     ds = datasets.Dataset.from_dict(
@@ -207,7 +208,8 @@ def export_hf(run_dir: Path, out: Path | None = None, device: str = "cpu") -> Pa
 
 
 def _optional_json(path: Path) -> dict[str, Any]:
-    """A run's results.json for the card; a missing or unreadable one leaves it out."""
+    """A run's results.json or meta.json for the card; a missing or unreadable one leaves
+    its part out."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -220,8 +222,11 @@ def _marker(
     pairs: PairSet,
     shapes: dict[str, dict],
     results: dict[str, Any],
+    made: dict[str, Any],
     run_dir: Path,
 ) -> dict[str, Any]:
+    """What `mmdistill.json` holds: all a rebuild needs that rows cannot, and the provenance
+    (the distill run's commit from its meta.json, not the exporting checkout's)."""
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -237,10 +242,17 @@ def _marker(
         "results": {k: results.get(k) for k in ("summary", "protocol", "pairs", "train_pairs")},
         "cost": results.get("cost"),
         "source_run": str(run_dir.resolve()),
+        "made_with": {k: made.get(k) for k in ("git", "versions", "device", "device_name")},
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "mmdistill": __version__,
-        "git": git_state(),
+        "exported_with": {"mmdistill": __version__, "git": git_state()},
     }
+
+
+def _commit(made: dict[str, Any]) -> str:
+    """The distill run's commit as its meta.json records it ("?" when it does not)."""
+    git = made.get("git") or {}
+    sha = str(git.get("sha") or "?")[:10]
+    return sha + (", with uncommitted changes" if git.get("dirty") else "")
 
 
 def _size(n: Any) -> str:
@@ -272,8 +284,8 @@ def dataset_card(info: dict[str, Any]) -> str:
         "",
         f"# {method} · {n} pairs · {dataset} ({encoder})",
         "",
-        f"A distilled image-text set made by mmdistill {info['mmdistill']} "
-        f"(commit {str((info.get('git') or {}).get('sha') or '?')[:10]}): `method={method}` on "
+        f"A distilled image-text set made by mmdistill (commit {_commit(info['made_with'])}): "
+        f"`method={method}` on "
         f"`dataset={dataset}` with `encoder={encoder}`, budget {meta.get('budget', n)} pairs "
         f"({n} stored pairs{extras}).",
         "",
