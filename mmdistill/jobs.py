@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -395,7 +396,8 @@ def table(args: list[str]) -> None:
         help="what each budget shows, e.g. r_mean,cost.bytes,cost.pairs_equiv,cost.wall_s "
         "(also `columns=...`; default: TR/IR@1/5/10 and r_mean)",
     )
-    ns = ap.parse_args([f"--columns={a[8:]}" if a.startswith("columns=") else a for a in args])
+    # `columns=...` (the Hydra-style spelling) is the same option as `--columns ...`
+    ns = ap.parse_args([re.sub(r"^columns=", "--columns=", a) for a in args])
     results, problems = tables.collect(ns.folders)
     built = tables.build(results, problems, ns.columns)
     for line in built.warnings:
