@@ -326,3 +326,11 @@ def test_unknown_column_is_one_line(tmp_path: Path) -> None:
         table([str(RUNS), "--out", str(tmp_path), "--columns", "r_mean,cost.byts"])
     with pytest.raises(UserError, match="--columns is empty"):
         table([str(RUNS), "--out", str(tmp_path), "columns=,"])
+
+
+def test_every_cost_field_has_a_format_and_bytes_read_in_decimal_units() -> None:
+    from mmdistill.training import cost
+
+    assert set(tables.COLUMN_FORMATS) == set(cost.FIELDS) | set(cost.GROUPS)
+    shown = [tables.COLUMN_FORMATS["bytes"](n) for n in (936, 3832, 66_600_000, 2.5e12)]
+    assert shown == ["936 B", "3.83 kB", "66.6 MB", "2.5 TB"]

@@ -405,25 +405,22 @@ def fmt(cell: Cell | None, metric: str) -> str:
         return "-"
     if metric not in METRICS:
         value = cell.mean(metric)
-        return (
-            ""
-            if value is None
-            else COLUMN_FORMATS.get(metric.split(".")[1], "{:.4g}".format)(value)
-        )
+        return "" if value is None else COLUMN_FORMATS[metric.split(".")[1]](value)
     mean, std = cell.stat(metric)
     return f"{mean:.1f}±{std:.1f}"
 
 
 def _bytes(n: float) -> str:
-    """Bytes in decimal units, three significant digits: 936 B, 3.83 kB, 66.6 MB."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
+    """Bytes in decimal units, three significant digits: 936 B, 3.83 kB, 66.6 MB, 2.5 TB."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    power = 0
+    while n >= 1000 and power < len(units) - 1:
+        n, power = n / 1000, power + 1
+    return f"{n:.0f} B" if power == 0 else f"{n:.3g} {units[power]}"
 
 
-# How a cost column prints, by its field (`cost.<field>` or `cost.<field>.<part>`).
+# How a cost column prints, by its field (`cost.<field>` or `cost.<field>.<part>`); every
+# field of training.cost.FIELDS and GROUPS has one (tests/test_tables.py checks).
 COLUMN_FORMATS = {
     "bytes": _bytes,
     "bytes_parts": _bytes,
