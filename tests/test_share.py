@@ -192,3 +192,10 @@ def test_export_never_overwrites_a_foreign_folder(runs: dict, tmp_path: Path) ->
     first = share.export_hf(runs["pixel"], out=tmp_path / "again")
     assert share.export_hf(runs["pixel"], out=first) == first  # an earlier export is replaced
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_unknown_export_format_is_one_line(runs: dict) -> None:
+    from mmdistill.jobs import export
+
+    with pytest.raises(UserError, match="argument --format: invalid choice: 'zip'"):
+        export([str(runs["pixel"]), "--format", "zip"])
