@@ -28,11 +28,12 @@ USAGE = """usage: mmdistill <verb> [options]
 job verbs (Hydra apps; `mmdistill <verb> --help` lists config groups and overrides):
   distill    distil a dataset into budget.pairs pairs, then train students and report recall
   train      train students on the full real training set (the upper-bound row)
-  evaluate   re-score a saved distilled set: mmdistill evaluate source=<run folder>
+  evaluate   re-score a saved distilled set: mmdistill evaluate source=<run or HF export>
   buffer     train expert trajectories for trajectory-matching methods
 folder verbs:
   table      aggregate run folders into paper-layout tables: mmdistill table <folder>...
   export     PNG grids, captions and heat-maps of a run: mmdistill export <run folder>
+             (--format hf: a Hugging Face datasets folder with a dataset card)
   report     one self-contained report.html of a run or a sweep: mmdistill report <folder>
 
 examples:

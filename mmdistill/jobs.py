@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +33,11 @@ from mmdistill.methods import DistillContext, get_method
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import is_text_features
-from mmdistill.report import pages, recall, tables
+from mmdistill.report import pages, recall, share, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
-from mmdistill.training import precision
+from mmdistill.training import cost, precision
 from mmdistill.training.experts import find_or_build_buffer
 from mmdistill.training.features import RealSplit, real_split
 from mmdistill.training.pairs import PairSet
@@ -154,6 +155,7 @@ def _evaluate_pairs(
     }
     if pairs.partial:  # a set kept when its distillation stopped early
         results["partial"] = pairs.meta["partial"]
+    results["cost"] = cost.block(pairs, run.meta, torch.get_num_threads())
     io.write_json(run.path / "results.json", results)
     io.write_text(run.path / "recall.md", recall.markdown(title, res.summary, len(res.students)))
     recall.print_table(console, title, res.summary, len(res.students))
@@ -182,7 +184,11 @@ def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
                 pairs = method.distill(ctx)
             pairs = pairs.detached()
             pairs.meta.update(
-                method=cfg.method.name, budget=n, dataset=cfg.dataset.name, encoder=cfg.encoder.name
+                method=cfg.method.name,
+                budget=n,
+                dataset=cfg.dataset.name,
+                encoder=cfg.encoder.name,
+                **cost.buffer_record(pairs.meta),
             )
             pairs.save(distilled)
     _evaluate_pairs(
@@ -247,13 +253,7 @@ def train(cfg: DictConfig, run_dir: Path, device: str) -> None:
 def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
     """Re-score a saved distilled set, on its own test split or another dataset's."""
     source = Path(str(cfg.source)).expanduser()
-    if not (source / "distilled.safetensors").is_file():
-        raise UserError(
-            f"source={source} holds no distilled.safetensors; point it at a distill run folder"
-        )
-    pairs = PairSet.load(
-        source / "distilled", fix="restore it from a copy, or distil again into a new run folder"
-    )
+    pairs = share.read_set(source)  # a distill run folder or a Hugging Face export
     run = Run(run_dir, "evaluate", device, int(cfg.seed))
     run.set(source=str(source))
     with progress_bar() as progress:
@@ -389,9 +389,17 @@ def table(args: list[str]) -> None:
         "--into", type=Path, help="also put the Markdown table into this document (a section)"
     )
     ap.add_argument("--section", default="results", help="the section's name for --into")
-    ns = ap.parse_args(args)
+    ap.add_argument(
+        "--columns",
+        type=tables.parse_columns,
+        default=tables.METRICS,
+        help="what each budget shows, e.g. r_mean,cost.bytes,cost.pairs_equiv,cost.wall_s "
+        "(also `columns=...`; default: TR/IR@1/5/10 and r_mean)",
+    )
+    # `columns=...` (the Hydra-style spelling) is the same option as `--columns ...`
+    ns = ap.parse_args([re.sub(r"^columns=", "--columns=", a) for a in args])
     results, problems = tables.collect(ns.folders)
-    built = tables.build(results, problems)
+    built = tables.build(results, problems, ns.columns)
     for line in built.warnings:
         print(line, file=sys.stderr)
     tables.print_rich(built)
@@ -413,15 +421,28 @@ def export(args: list[str]) -> None:
     ap.add_argument("--max", type=int, default=64, help="images in the grid (default 64)")
     ap.add_argument("--neighbours", type=int, default=3, help="real images per feature row")
     ap.add_argument("--device", default="cpu", help="for encoding uncached features")
+    ap.add_argument(
+        "--format",
+        choices=sorted(EXPORTS),
+        default="png",
+        help="png: grid, captions and heat-map files (default); hf: a Hugging Face datasets "
+        "folder with a dataset card (default --out: <run>/hf)",
+    )
     ns = ap.parse_args(args)
     if not ns.run.is_dir():
         raise UserError(f"{ns.run} is not a folder; give a distill run folder")
     register_resolvers()
-    files = export_run(
-        ns.run, out=ns.out, max_images=ns.max, neighbours=ns.neighbours, device=ns.device
-    )
+    files = EXPORTS[ns.format](ns)
     for f in files:
         print(f, file=sys.stderr)
+
+
+EXPORTS: dict[str, Callable[[argparse.Namespace], list[Path]]] = {
+    "png": lambda ns: export_run(
+        ns.run, out=ns.out, max_images=ns.max, neighbours=ns.neighbours, device=ns.device
+    ),
+    "hf": lambda ns: [share.export_hf(ns.run, out=ns.out, device=ns.device)],
+}
 
 
 def report(args: list[str]) -> None:

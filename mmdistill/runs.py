@@ -171,12 +171,18 @@ def record_failure(run_dir: Path, message: str) -> None:
 
 
 def resource_peaks() -> dict[str, float | None]:
-    """Peak host RSS of this process (MiB) and peak GPU memory allocated by torch (MiB, None
-    without CUDA): what a run cost at its high-water mark."""
+    """Peak host RSS of this process and of its largest finished child process (forked
+    evaluation students; None when it had none), and peak GPU memory allocated by torch (None
+    without CUDA), all in MiB: what a run cost at its high-water mark."""
     import resource
 
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     gpu = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return {"host_rss_mib": round(rss_kib / 1024, 1), "gpu_mib": gpu}
+    return {
+        "host_rss_mib": round(rss_kib / 1024, 1),
+        "children_rss_mib": round(child_kib / 1024, 1) if child_kib else None,
+        "gpu_mib": gpu,
+    }

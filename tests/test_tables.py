@@ -273,3 +273,64 @@ def test_one_commit_gives_no_commit_warning(tmp_path: Path, capsys) -> None:
         (folder / "meta.json").write_text(json.dumps({"git": {"sha": "c" * 40, "dirty": False}}))
     table([str(runs), "--out", str(tmp_path / "out")])
     assert "commits" not in capsys.readouterr().err
+
+
+COST_COLUMNS = "r_mean,cost.bytes,cost.pairs_equiv,cost.wall_s"
+
+
+def test_cost_columns_render_and_old_results_leave_them_blank(tmp_path: Path) -> None:
+    runs = copy_runs(tmp_path)
+    # one seed of one cell records cost; the golden results predate the block
+    edit(
+        runs / "random-10-seed0" / "results.json",
+        cost={"bytes": 101376, "pairs_equiv": 8.0, "wall_s": 4.4, "stages_s": {"data": 4.0}},
+    )
+    table([str(runs), "--out", str(tmp_path / "t"), f"columns={COST_COLUMNS}"])
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert "| r_mean | cost.bytes | cost.pairs_equiv | cost.wall_s |" in md
+    cells = {
+        row[0]: row
+        for line in md.splitlines()
+        if line.startswith("| ")
+        for row in [[c.strip() for c in line.strip().strip("|").split("|")]]
+    }
+    # Method, Draws, then r_mean and three cost cells per budget (10 pairs, 20 pairs)
+    assert cells["random"][3:6] == ["101 kB", "8.00", "4.4"]
+    assert cells["random"][7:] == ["", "", ""] and cells["herding"][3:6] == ["", "", ""]
+    assert "TR@1" not in md.split("|---", 1)[1]  # the chosen columns replace the recalls
+    rows = {(r["method"], r["pairs"]): r for r in csv_rows(tmp_path / "t")}
+    assert rows[("random", "10")]["cost.bytes"] == "101376"
+    assert rows[("herding", "10")]["cost.bytes"] == ""
+    assert rows[("random", "10")]["TR@1_mean"]  # csv keeps every recall
+    tex = (tmp_path / "t" / "table.tex").read_text()
+    assert "cost.pairs\\_equiv" in tex and "101 kB" in tex
+
+
+def test_cost_columns_through_the_cli_and_by_group(tmp_path: Path) -> None:
+    runs = copy_runs(tmp_path)
+    edit(runs / "herding-20-seed1" / "results.json", cost={"stages_s": {"data": 2.0}})
+    edit(runs / "herding-20-seed0" / "results.json", cost={"stages_s": {"data": 4.0}})
+    p = subprocess.run(
+        [sys.executable, "-m", "mmdistill.cli", "table", str(runs), "--out", str(tmp_path / "t"),
+         "--columns", "r_mean,cost.stages_s.data"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "cost.stages_s.data" in p.stdout
+    rows = {(r["method"], r["pairs"]): r for r in csv_rows(tmp_path / "t")}
+    assert rows[("herding", "20")]["cost.stages_s.data"] == "3"  # mean over the two seeds
+
+
+def test_unknown_column_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="unknown table column 'cost.byts'; choose from"):
+        table([str(RUNS), "--out", str(tmp_path), "--columns", "r_mean,cost.byts"])
+    with pytest.raises(UserError, match="--columns is empty"):
+        table([str(RUNS), "--out", str(tmp_path), "columns=,"])
+
+
+def test_every_cost_field_has_a_format_and_bytes_read_in_decimal_units() -> None:
+    from mmdistill.training import cost
+
+    assert set(tables.COLUMN_FORMATS) == set(cost.FIELDS) | set(cost.GROUPS)
+    shown = [tables.COLUMN_FORMATS["bytes"](n) for n in (936, 3832, 66_600_000, 2.5e12)]
+    assert shown == ["936 B", "3.83 kB", "66.6 MB", "2.5 TB"]

@@ -311,6 +311,7 @@ def _timings(run_dir: Path, meta: dict[str, Any], held: _Held) -> str:
                 f"{results['pairs']} / {results['train_pairs']} ({share:.2g}%)",
             ]
         )
+    cost += _cost_rows(results.get("cost"))
     cost.append(["device", escape(f"{meta.get('device')} ({meta.get('device_name')})")])
     git = meta.get("git") or {}
     sha = str(git.get("sha") or "?")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
@@ -321,6 +322,33 @@ def _timings(run_dir: Path, meta: dict[str, Any], held: _Held) -> str:
         + _table(["cost", ""], cost)
         + f'<p class="note">{escape(versions)}</p>'
     )
+
+
+def _cost_rows(block: Any) -> list[list[str]]:
+    """The results' cost block (bytes per part, budget in pairs, buffers, device-hours,
+    peaks) as rows; none for results written before it existed."""
+    if not isinstance(block, dict):
+        return []
+    parts = block.get("bytes_parts") or {}
+    rows = [
+        [
+            "stored bytes",
+            escape(
+                f"{block.get('bytes')} ("
+                + ", ".join(f"{k} {v}" for k, v in parts.items() if v)
+                + f") = {block.get('pairs_equiv')} pairs of {block.get('pair_bytes')} bytes"
+            ),
+        ]
+    ]
+    if block.get("buffer_bytes") is not None:
+        rows.append(["expert buffers used", f"{float(block['buffer_bytes']) / 1e6:.2f} MB"])
+    rows.append(["device-hours (to scoring)", escape(str(block.get("device_hours")))])
+    peaks = [("host RSS", "peak_rss_mib"), ("largest child", "peak_rss_children_mib")]
+    peaks.append(("GPU", "peak_gpu_mib"))
+    shown = [f"{name} {block[k]:.0f} MiB" for name, k in peaks if block.get(k) is not None]
+    if shown:
+        rows.append(["peak memory", escape(", ".join(shown))])
+    return rows
 
 
 def _config(run_dir: Path) -> str:

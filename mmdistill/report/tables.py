@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from mmdistill.errors import UserError
 from mmdistill.methods import METHODS
+from mmdistill.training import cost
 
 METRICS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
 FULL = "full data"
@@ -43,6 +44,15 @@ class Result:
     students: list[dict[str, float]]
     mtime: float
     commit: str | None = None  # the git commit (+ "-dirty") the run's meta.json records
+    data: dict[str, Any] = field(default_factory=dict)  # the whole results.json
+
+    def number(self, column: str) -> float | None:
+        """The value at a dotted path of results.json (`cost.bytes`), None where it has none
+        (results written before the field existed)."""
+        value: Any = self.data
+        for key in column.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        return float(value) if _is_number(value) else None
 
     @property
     def row(self) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -62,6 +72,11 @@ class Cell:
         v = self.values(metric)
         mean = sum(v) / len(v)
         return mean, math.sqrt(sum((x - mean) ** 2 for x in v) / len(v))
+
+    def mean(self, column: str) -> float | None:
+        """A results.json field averaged over the cell's runs (seeds) that record it."""
+        v = [x for r in self.results if (x := r.number(column)) is not None]
+        return sum(v) / len(v) if v else None
 
     @property
     def pairs(self) -> int:
@@ -86,6 +101,7 @@ class Table:
     method_shared: dict[str, dict[str, str]]  # per method: hyper-parameters its rows agree on
     method_varying: dict[str, list[str]]  # per method: hyper-parameters that differ
     warnings: list[str]
+    columns: tuple[str, ...] = METRICS  # what each budget shows (`--columns`)
 
     def label(self, row: tuple) -> str:
         if row[0] == FULL:
@@ -249,6 +265,7 @@ def _read_result(path: Path) -> Result:
         students=students,
         mtime=path.stat().st_mtime,
         commit=_commit(path.parent / "meta.json"),
+        data=data,
     )
 
 
@@ -303,7 +320,9 @@ def _method_rank(method: str) -> tuple[int, str]:
     return len(order), method
 
 
-def build(results: list[Result], problems: list[str] | None = None) -> Table:
+def build(
+    results: list[Result], problems: list[str] | None = None, columns: tuple[str, ...] = METRICS
+) -> Table:
     """Group results into rows x budgets, drop duplicate seeds, name the switches that vary."""
     warnings = list(problems or [])
     by_seed: dict[tuple, Result] = {}
@@ -351,7 +370,15 @@ def build(results: list[Result], problems: list[str] | None = None) -> Table:
             )
     budgets = sorted({b for (_, b) in cells if b[0] != "full"}) or [("full", 0)]
     return Table(
-        rows, budgets, dict(cells), shared, varying, method_shared, method_varying, warnings
+        rows,
+        budgets,
+        dict(cells),
+        shared,
+        varying,
+        method_shared,
+        method_varying,
+        warnings,
+        columns,
     )
 
 
@@ -372,13 +399,71 @@ def _split_switches(rows: list[tuple], wanted: Any) -> tuple[dict[str, str], lis
 
 
 def fmt(cell: Cell | None, metric: str) -> str:
+    """A cell's text: a recall as mean±std over students, any other column as the mean over
+    the cell's runs in its own unit (blank where no run records it)."""
     if cell is None:
         return "-"
+    if metric not in METRICS:
+        value = cell.mean(metric)
+        return "" if value is None else COLUMN_FORMATS[metric.split(".")[1]](value)
     mean, std = cell.stat(metric)
     return f"{mean:.1f}±{std:.1f}"
 
 
+def _bytes(n: float) -> str:
+    """Bytes in decimal units, three significant digits: 936 B, 3.83 kB, 66.6 MB, 2.5 TB."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    power = 0
+    while n >= 1000 and power < len(units) - 1:
+        n, power = n / 1000, power + 1
+    return f"{n:.0f} B" if power == 0 else f"{n:.3g} {units[power]}"
+
+
+# How a cost column prints, by its field (`cost.<field>` or `cost.<field>.<part>`); every
+# field of training.cost.FIELDS and GROUPS has one (tests/test_tables.py checks).
+COLUMN_FORMATS = {
+    "bytes": _bytes,
+    "bytes_parts": _bytes,
+    "pair_bytes": _bytes,
+    "buffer_bytes": _bytes,
+    "pairs_equiv": "{:.2f}".format,
+    "wall_s": "{:.1f}".format,
+    "stages_s": "{:.1f}".format,
+    "devices": "{:.0f}".format,
+    "device_hours": "{:.4f}".format,
+    "peak_rss_mib": "{:.0f}".format,
+    "peak_rss_children_mib": "{:.0f}".format,
+    "peak_gpu_mib": "{:.0f}".format,
+}
+
+
+def parse_columns(text: str) -> tuple[str, ...]:
+    """`--columns r_mean,cost.bytes,...`: recall metrics and cost fields, checked by name."""
+    columns = tuple(c.strip() for c in text.split(",") if c.strip())
+    choices = [
+        *METRICS,
+        *(f"cost.{f}" for f in cost.FIELDS),
+        *(f"cost.{g}.<name>" for g in cost.GROUPS),
+    ]
+    for c in columns:
+        parts = c.split(".")
+        known = c in METRICS or (
+            parts[0] == "cost"
+            and (
+                (len(parts) == 2 and parts[1] in cost.FIELDS)
+                or (len(parts) == 3 and parts[1] in cost.GROUPS)
+            )
+        )
+        if not known:
+            raise UserError(f"unknown table column {c!r}; choose from {', '.join(choices)}")
+    if not columns:
+        raise UserError("--columns is empty; give e.g. --columns r_mean,cost.bytes")
+    return columns
+
+
 def _is_best(table: Table, row: tuple, budget: tuple, metric: str) -> bool:
+    if metric not in METRICS:
+        return False
     best = table.best(budget, metric)
     cell = table.cell(row, budget)
     return (
@@ -387,6 +472,16 @@ def _is_best(table: Table, row: tuple, budget: tuple, metric: str) -> bool:
         and cell is not None
         and round(cell.stat(metric)[0], 1) == round(best, 1)
     )
+
+
+COST_NOTE = (
+    "Cost columns (`cost.*` of results.json): the mean over each cell's runs (seeds); "
+    "blank where its runs recorded none."
+)
+
+
+def _has_cost(table: Table) -> bool:
+    return any(c not in METRICS for c in table.columns)
 
 
 def protocol_line(table: Table) -> str:
@@ -410,13 +505,14 @@ def markdown(table: Table, heading: str = "#") -> str:
     lead = ["Method", "Draws"] + (["Setting"] if table.has_setting else [])
     head, sub = list(lead), [""] * len(lead)
     for b in table.budgets:
-        head += [table.budget_label(b)] + [""] * (len(METRICS) - 1)
-        sub += list(METRICS)
+        head += [table.budget_label(b)] + [""] * (len(table.columns) - 1)
+        sub += list(table.columns)
     lines = [
         f"{heading} Retrieval recall (%)",
         "",
         f"mean±std over students; {table.pooling()}; best method per column in bold.",
         "",
+        *([f"{COST_NOTE}", ""] if _has_cost(table) else []),
         f"Shared protocol: {protocol_line(table)}",
         "",
         *([f"Method settings: {method_line(table)}", ""] if method_line(table) else []),
@@ -428,7 +524,7 @@ def markdown(table: Table, heading: str = "#") -> str:
         cells = [table.label(row), table.draws(row)]
         cells += [table.setting(row)] if table.has_setting else []
         for b in table.budgets:
-            for m in METRICS:
+            for m in table.columns:
                 text = fmt(table.cell(row, b), m)
                 cells.append(f"**{text}**" if _is_best(table, row, b, m) else text)
         lines.append("| " + " | ".join(cells) + " |")
@@ -447,8 +543,10 @@ def csv_text(table: Table) -> str:
     out = stdio.StringIO()
     w = csv.writer(out, lineterminator="\n")
     stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+    extra = [c for c in table.columns if c not in METRICS]
     w.writerow(
-        ["method", "setting", "budget", "pairs", "ratio", "seeds", "students", *stats, "protocol"]
+        ["method", "setting", "budget", "pairs", "ratio", "seeds", "students", *stats, *extra]
+        + ["protocol"]
     )
     for (row, budget), cell in sorted(
         table.cells.items(), key=lambda kv: (table.rows.index(kv[0][0]), kv[0][1])
@@ -463,6 +561,7 @@ def csv_text(table: Table) -> str:
         else:
             ratio = ""
         values = [f"{v:.4f}" for m in METRICS for v in cell.stat(m)]
+        values += ["" if (v := cell.mean(c)) is None else f"{v:.6g}" for c in extra]
         w.writerow(
             [
                 row[0],
@@ -499,7 +598,7 @@ def _tex(s: str) -> str:
 
 def latex(table: Table) -> str:
     n_lead = 2 if table.has_setting else 1
-    k = len(METRICS)
+    k = len(table.columns)
     spec = "l" * n_lead + "r" * k * len(table.budgets)
     lines = [
         f"% Shared protocol: {_tex(protocol_line(table))}",
@@ -519,7 +618,7 @@ def latex(table: Table) -> str:
         )
     )
     lead = ["Method"] + (["Setting"] if table.has_setting else [])
-    metric_head = " & ".join(_tex(m) for m in METRICS)
+    metric_head = " & ".join(_tex(m) for m in table.columns)
     lines.append(" & ".join(lead + [metric_head] * len(table.budgets)) + r" \\")
     lines.append(r"\midrule")
     for row in table.rows:
@@ -527,10 +626,13 @@ def latex(table: Table) -> str:
             lines.append(r"\midrule")
         cells = [_tex(table.label(row))] + ([_tex(table.setting(row))] if table.has_setting else [])
         for b in table.budgets:
-            for m in METRICS:
+            for m in table.columns:
                 cell = table.cell(row, b)
                 if cell is None:
                     cells.append("-")
+                    continue
+                if m not in METRICS:
+                    cells.append(_tex(fmt(cell, m)))
                     continue
                 mean, std = cell.stat(m)
                 text = f"{mean:.1f}\\pm{std:.1f}"
@@ -636,7 +738,7 @@ def print_rich(table: Table) -> None:
         t.add_column("draws", justify="right")
         if table.has_setting:
             t.add_column("setting")
-        for m in METRICS:
+        for m in table.columns:
             t.add_column(m, justify="right", style="bold" if m == "r_mean" else None)
         for row in table.rows:
             cell = table.cell(row, b)
@@ -644,7 +746,7 @@ def print_rich(table: Table) -> None:
                 continue
             lead = [table.label(row), str(len(cell.seeds))]
             lead += [table.setting(row)] if table.has_setting else []
-            t.add_row(*lead, *(fmt(cell, m) for m in METRICS))
+            t.add_row(*lead, *(fmt(cell, m) for m in table.columns))
         console.print(t)
 
 
