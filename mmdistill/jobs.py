@@ -36,7 +36,7 @@ from mmdistill.report import pages, recall, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
-from mmdistill.training import precision
+from mmdistill.training import precision, transfer
 from mmdistill.training.experts import find_or_build_buffer
 from mmdistill.training.features import RealSplit, real_split
 from mmdistill.training.pairs import PairSet
@@ -154,6 +154,8 @@ def _evaluate_pairs(
     }
     if pairs.partial:  # a set kept when its distillation stopped early
         results["partial"] = pairs.meta["partial"]
+    if "transfer" in pairs.meta:  # evaluated with another encoder than it was made for
+        results["transfer"] = pairs.meta["transfer"]
     io.write_json(run.path / "results.json", results)
     io.write_text(run.path / "recall.md", recall.markdown(title, res.summary, len(res.students)))
     recall.print_table(console, title, res.summary, len(res.students))
@@ -245,7 +247,8 @@ def train(cfg: DictConfig, run_dir: Path, device: str) -> None:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
-    """Re-score a saved distilled set, on its own test split or another dataset's."""
+    """Re-score a saved distilled set, on its own test split or another dataset's, or with
+    another encoder's students (the set converted into its spaces: `training/transfer.py`)."""
     source = Path(str(cfg.source)).expanduser()
     if not (source / "distilled.safetensors").is_file():
         raise UserError(
@@ -258,6 +261,22 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
     run.set(source=str(source))
     with progress_bar() as progress:
         prep = prepare(cfg, device, run, progress)
+        if transfer.crosses(pairs, prep.encoder):
+            pairs = transfer.from_run(
+                pairs,
+                source,
+                prep.encoder,
+                prep.train,
+                prep.data.train,
+                str(cfg.dataset.name),
+                cfg.eval,
+                cfg.get("transfer", {}).get("resize"),
+                Path(cfg.paths.cache_dir),
+                device,
+                progress,
+                cfg.get("data_workers", "auto"),
+            )
+            pairs.save(run.path / "transferred")  # the set the students train on, to inspect
     _check_compatible(pairs, prep)
     _evaluate_pairs(
         cfg,
@@ -265,7 +284,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
         prep,
         pairs,
         device,
-        f"{pairs.meta.get('method', '?')} from {source.name} · {cfg.dataset.name}",
+        f"{pairs.meta.get('method', '?')} from {source.name} · {cfg.dataset.name}"
+        + transfer.title(pairs),
     )
     run.mark_done()
 
