@@ -32,7 +32,7 @@ from mmdistill.methods import DistillContext, get_method
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import is_text_features
-from mmdistill.report import pages, recall, tables
+from mmdistill.report import cross_arch, pages, recall, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
@@ -409,8 +409,17 @@ def table(args: list[str]) -> None:
         "--into", type=Path, help="also put the Markdown table into this document (a section)"
     )
     ap.add_argument("--section", default="results", help="the section's name for --into")
+    ap.add_argument(
+        "--cross-arch",
+        action="store_true",
+        help="the cross-architecture matrix instead: rows source encoder x method, columns "
+        "evaluation encoders, cells r_mean (cross_arch.md, cross_arch.csv)",
+    )
     ns = ap.parse_args(args)
     results, problems = tables.collect(ns.folders)
+    if ns.cross_arch:
+        _cross_arch_table(ns, results, problems)
+        return
     built = tables.build(results, problems)
     for line in built.warnings:
         print(line, file=sys.stderr)
@@ -418,6 +427,19 @@ def table(args: list[str]) -> None:
     files = tables.write(built, ns.out or ns.folders[0])
     if ns.into:
         tables.update_section(ns.into, ns.section, tables.markdown(built, heading="###"))
+        files.append(ns.into)
+    print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)
+
+
+def _cross_arch_table(ns: argparse.Namespace, results: list, problems: list[str]) -> None:
+    matrix = cross_arch.build(results, problems)
+    for line in matrix.warnings:
+        print(line, file=sys.stderr)
+    text = cross_arch.markdown(matrix)
+    print(text)
+    files = cross_arch.write(matrix, ns.out or ns.folders[0])
+    if ns.into:
+        tables.update_section(ns.into, ns.section, cross_arch.markdown(matrix, heading="###"))
         files.append(ns.into)
     print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)
 

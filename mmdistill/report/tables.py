@@ -43,6 +43,7 @@ class Result:
     students: list[dict[str, float]]
     mtime: float
     commit: str | None = None  # the git commit (+ "-dirty") the run's meta.json records
+    transfer: dict | None = None  # how `evaluate encoder=<other>` converted the set, if it did
 
     @property
     def row(self) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -237,6 +238,11 @@ def _read_result(path: Path) -> Result:
         budget = (
             ("ratio", float(ratio)) if ratio is not None else ("pairs", int(asked or data["pairs"]))
         )
+    transfer = data.get("transfer")
+    if transfer is not None:  # the same set read by another encoder: its own rows
+        if not isinstance(transfer, dict) or "source_encoder" not in transfer:
+            raise ValueError("'transfer' is not a conversion record")
+        switches["source_encoder"] = str(transfer["source_encoder"])
     train_pairs = data.get("train_pairs")
     return Result(
         path=path,
@@ -249,6 +255,7 @@ def _read_result(path: Path) -> Result:
         students=students,
         mtime=path.stat().st_mtime,
         commit=_commit(path.parent / "meta.json"),
+        transfer=transfer,
     )
 
 
@@ -292,7 +299,7 @@ def collect(folders: list[Path]) -> tuple[list[Result], list[str]]:
     return results, problems
 
 
-def _method_rank(method: str) -> tuple[int, str]:
+def method_rank(method: str) -> tuple[int, str]:
     """The papers' order (coresets, then distillation methods: the method table's order);
     unknown names alphabetically after them, full data last."""
     order = METHODS.names()
@@ -327,9 +334,7 @@ def build(results: list[Result], problems: list[str] | None = None) -> Table:
         cells[(r.row, r.budget)].results.append(r)
     for cell in cells.values():
         cell.results.sort(key=lambda r: r.seed)
-    rows = sorted(
-        {r.row for r in by_seed.values()}, key=lambda row: (*_method_rank(row[0]), row[1])
-    )
+    rows = sorted({r.row for r in by_seed.values()}, key=lambda row: (*method_rank(row[0]), row[1]))
     shared, varying = _split_switches(rows, lambda k: not k.startswith("method."))
     for k in varying:
         values = sorted({dict(row[1]).get(k, "-") for row in rows})
