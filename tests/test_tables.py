@@ -308,10 +308,13 @@ def test_cross_arch_matrix_rows_sources_columns_evaluators(tmp_path: Path, capsy
         "distinct_images": 97,
         "texts": "kept: both text trunks give the same features",
         "decoded_coreset": True,
+        "budget": 100,
     }
     write_result(runs / "a", "distill", "covmatch", "lite0_minilm", [46.0, 48.0])
     write_result(runs / "b", "distill", "random", "lite0_minilm", [24.0, 24.0])
     write_result(runs / "c", "evaluate", "covmatch", "lite1_minilm", [40.0, 42.0], transfer=decoded)
+    # An evaluate run records no budget of its own; LoRS's 99 pairs + S sit at the source's 100.
+    edit(runs / "c" / "results.json", budget=None, pairs=99)
     write_result(runs / "d", "distill", "covmatch", "lite1_minilm", [50.0, 50.0])
     write_result(runs / "e", "train", "full", "lite1_minilm", [60.0, 60.0])
     table([str(runs), "--cross-arch", "--out", str(tmp_path / "out")])

@@ -65,7 +65,7 @@ def test_decoded_coreset_takes_the_target_rows_of_the_true_nearest_images() -> N
     pairs = PairSet(
         images=2.5 * src.images[picked] + noise,
         texts=src.texts[caps] * 3.0,
-        meta={"encoder": "a", "method": "covmatch"},
+        meta={"encoder": "a", "method": "covmatch", "budget": 4},
     )
     out = convert(pairs, feature_encoder("a"), feature_encoder("b"), src, tgt)
     assert torch.equal(out.images, tgt.images[picked])
@@ -79,7 +79,7 @@ def test_decoded_coreset_takes_the_target_rows_of_the_true_nearest_images() -> N
         "a",
         "b",
     )
-    assert out.meta["encoder"] == "b" and out.meta["method"] == "covmatch"
+    assert out.meta["encoder"] == "b" and out.meta["method"] == "covmatch" and rec["budget"] == 4
 
 
 def test_shared_text_trunk_keeps_the_synthetic_text_features() -> None:

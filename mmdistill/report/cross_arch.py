@@ -104,10 +104,10 @@ def _note(row: tuple, column: str, t: dict) -> str:
     texts = t.get("texts", "?")
     if "distinct_captions" in t:
         texts += f" ({t['distinct_captions']} distinct)"
-    extra = "; ".join(x for x in (t.get("similarity"), t.get("step_sizes")) if x)
-    return f"{row[1]} {row[2]} -> {column}: images {images}; texts {texts}" + (
-        f"; {extra}" if extra else ""
-    )
+    line = f"{row[1]} {row[2]} -> {column}: images {images}; texts {texts}"
+    for key, what in (("similarity", "similarity"), ("step_sizes", "step sizes")):
+        line += f"; {what} {t[key]}" if t.get(key) else ""
+    return line
 
 
 def markdown(matrix: Matrix, heading: str = "#") -> str:

@@ -235,6 +235,8 @@ def _read_result(path: Path) -> Result:
         # The requested budget, not the pairs distilled: LoRS's 99 pairs + S and MDW's N pairs +
         # P are 100-pair entries, as the papers count them.
         asked = b.get("pairs") if isinstance(b, dict) else None
+        if asked is None and isinstance(data.get("transfer"), dict):  # the source set's budget
+            asked = data["transfer"].get("budget")
         budget = (
             ("ratio", float(ratio)) if ratio is not None else ("pairs", int(asked or data["pairs"]))
         )

@@ -195,13 +195,14 @@ def convert(
     record: dict[str, Any] = {
         "source_encoder": source.name,
         "target_encoder": target.name,
+        "budget": pairs.meta.get("budget"),  # the source's budget: its table column
         **image_record,
         **text_record,
         "decoded_coreset": image_record["images"].startswith("decoded"),
-        "similarity": "kept: the learned target similarity travels with the pairs"
+        "similarity": "kept (the learned target similarity travels with the pairs)"
         if pairs.similarity is not None
         else None,
-        "step_sizes": "dropped: learned for the source's students; the target's eval protocol"
+        "step_sizes": "dropped (learned for the source's students; the target's protocol)"
         if pairs.step_sizes
         else None,
     }
