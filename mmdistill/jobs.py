@@ -271,6 +271,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
                 str(cfg.dataset.name),
                 cfg.eval,
                 cfg.get("transfer", {}).get("resize"),
+                str(cfg.get("transfer", {}).get("texts", "auto")),
                 Path(cfg.paths.cache_dir),
                 device,
                 progress,

@@ -315,6 +315,14 @@ def test_cross_arch_matrix_rows_sources_columns_evaluators(tmp_path: Path, capsy
     write_result(runs / "c", "evaluate", "covmatch", "lite1_minilm", [40.0, 42.0], transfer=decoded)
     # An evaluate run records no budget of its own; LoRS's 99 pairs + S sit at the source's 100.
     edit(runs / "c" / "results.json", budget=None, pairs=99)
+    write_result(
+        runs / "f",
+        "evaluate",
+        "covmatch",
+        "lite1_minilm",
+        [30.0, 30.0],
+        transfer={**decoded, "texts_mode": "decode", "texts": "decoded: nearest caption"},
+    )
     write_result(runs / "d", "distill", "covmatch", "lite1_minilm", [50.0, 50.0])
     write_result(runs / "e", "train", "full", "lite1_minilm", [60.0, 60.0])
     table([str(runs), "--cross-arch", "--out", str(tmp_path / "out")])
@@ -324,6 +332,7 @@ def test_cross_arch_matrix_rows_sources_columns_evaluators(tmp_path: Path, capsy
     assert lines[2:] == [
         "| lite0_minilm | random @ 100 pairs | 1 | 24.0±0.0 | - |",
         "| lite0_minilm | covmatch @ 100 pairs | 1 | 47.0±1.0 | 41.0±1.0 * |",
+        "| lite0_minilm | covmatch @ 100 pairs, texts decoded | 1 | - | 30.0±0.0 * |",
         "| lite1_minilm | covmatch @ 100 pairs | 1 | - | 50.0±0.0 |",
         "| - | full data | 1 | - | 60.0±0.0 |",
     ]
@@ -343,4 +352,4 @@ def test_cross_arch_matrix_rows_sources_columns_evaluators(tmp_path: Path, capsy
     # The ordinary table keeps the converted set's row apart from lite1's own covmatch row.
     built = tables.build(*tables.collect([runs]))
     covmatch = [row for row in built.rows if row[0] == "covmatch"]
-    assert len(covmatch) == 3
+    assert len(covmatch) == 4

@@ -104,6 +104,14 @@ def test_shared_text_trunk_keeps_the_synthetic_text_features() -> None:
     assert rec["texts"].startswith("kept") and "distinct_captions" not in rec
     assert out.similarity is sim and out.loss == "wbce"  # S travels with the pairs
     assert out.step_sizes == {} and rec["step_sizes"].startswith("dropped")
+    # transfer.texts=decode: real captions even where the synthetic features could stay.
+    real = convert(pairs, feature_encoder("a"), feature_encoder("b"), src, tgt, texts="decode")
+    nearest = nearest_rows(synthetic, texts)
+    assert torch.equal(real.texts, texts[nearest]) and not torch.equal(real.texts, synthetic)
+    assert real.meta["transfer"]["texts"].startswith("decoded")
+    assert real.meta["transfer"]["texts_mode"] == "decode"
+    with pytest.raises(UserError, match="transfer.texts='keep'"):
+        convert(pairs, feature_encoder("a"), feature_encoder("b"), src, tgt, texts="keep")
 
 
 def test_pixels_are_renormalised_for_the_target_rule() -> None:

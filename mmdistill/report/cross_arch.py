@@ -49,14 +49,14 @@ def source_encoder(result: Result) -> str:
 
 
 def _label(result: Result) -> str:
+    """The row's method @ budget; sets whose texts were decoded on request (transfer.texts=
+    decode) get their own row, since their own-encoder column kept the synthetic texts."""
     if result.method == FULL:
         return FULL
     kind, value = result.budget
-    return (
-        f"{result.method} @ {int(value)} pairs"
-        if kind == "pairs"
-        else f"{result.method} @ ratio {value:g}"
-    )
+    budget = f"{int(value)} pairs" if kind == "pairs" else f"ratio {value:g}"
+    decoded = (result.transfer or {}).get("texts_mode") == "decode"
+    return f"{result.method} @ {budget}" + (", texts decoded" if decoded else "")
 
 
 def build(results: list[Result], problems: list[str] | None = None) -> Matrix:

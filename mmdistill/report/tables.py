@@ -245,6 +245,7 @@ def _read_result(path: Path) -> Result:
         if not isinstance(transfer, dict) or "source_encoder" not in transfer:
             raise ValueError("'transfer' is not a conversion record")
         switches["source_encoder"] = str(transfer["source_encoder"])
+        switches["transfer.texts"] = str(transfer.get("texts_mode", "auto"))
     train_pairs = data.get("train_pairs")
     return Result(
         path=path,

@@ -10,8 +10,9 @@ Another encoder's students can read it only after conversion, one modality at a 
 * image features are decoded: each synthetic row becomes its nearest real training image
   (cosine, in the source trunk's feature space), encoded by the target;
 * texts are kept when both text trunks give the same features for every real training
-  caption (the same frozen trunk), and otherwise decoded to their nearest real training
-  captions (cosine, in the source text trunk's space) and re-encoded by the target.
+  caption (the same frozen trunk), and otherwise (or with `transfer.texts=decode`) decoded to
+  their nearest real training captions (cosine, in the source text trunk's space) and
+  re-encoded by the target.
 
 A set whose images were decoded is a "decoded coreset" of real pairs, not the synthetic set;
 the `transfer` record saved with the results says what was done to each modality. A learned
@@ -37,7 +38,7 @@ from mmdistill.errors import UserError
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import is_image_features, is_text_features
-from mmdistill.schema import TRANSFER_RESIZE
+from mmdistill.schema import TRANSFER_RESIZE, TRANSFER_TEXTS
 from mmdistill.training.features import RealSplit, real_split
 from mmdistill.training.pairs import PairSet
 
@@ -159,12 +160,13 @@ def _images(
 
 
 def _texts(
-    pairs: PairSet, source: Encoder, source_train: RealSplit, target_train: RealSplit
+    pairs: PairSet, source: Encoder, source_train: RealSplit, target_train: RealSplit, mode: str
 ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """The set's texts in the target's text space (with their mask), and how."""
+    """The set's texts in the target's text space (with their mask), and how. `mode` "decode"
+    decodes them even where they could be kept (a set of real pairs throughout)."""
     real = text_features(source, source_train.texts, source_train.text_mask)
     shared = is_text_features(target_train.texts) and same_space(real, target_train.texts)
-    if is_text_features(pairs.texts) and shared:
+    if is_text_features(pairs.texts) and shared and mode == "auto":
         how = "kept: both text trunks give the same features for every real training caption"
         return pairs.texts, pairs.text_mask, {"texts": how}
     rows = nearest_rows(text_features(source, pairs.texts, pairs.text_mask), real)
@@ -184,14 +186,18 @@ def convert(
     source_train: RealSplit,
     target_train: RealSplit,
     resize: str | None = None,
+    texts: str = "auto",
     device: str = "cpu",
 ) -> PairSet:
     """The set in the target encoder's spaces; `source_train` and `target_train` are the same
-    real training split as each encoder reads it. `meta["transfer"]` records what was done."""
+    real training split as each encoder reads it. `texts` is `transfer.texts` (auto: keep
+    them where both text trunks agree; decode). `meta["transfer"]` records what was done."""
+    if texts not in TRANSFER_TEXTS:
+        raise UserError(f"transfer.texts={texts!r}: choose {' or '.join(TRANSFER_TEXTS)}")
     images, image_record = _images(
         pairs, source, target, source_train, target_train, resize, device
     )
-    texts, mask, text_record = _texts(pairs, source, source_train, target_train)
+    converted, mask, text_record = _texts(pairs, source, source_train, target_train, texts)
     record: dict[str, Any] = {
         "source_encoder": source.name,
         "target_encoder": target.name,
@@ -199,6 +205,7 @@ def convert(
         **image_record,
         **text_record,
         "decoded_coreset": image_record["images"].startswith("decoded"),
+        "texts_mode": texts,
         "similarity": "kept (the learned target similarity travels with the pairs)"
         if pairs.similarity is not None
         else None,
@@ -208,7 +215,7 @@ def convert(
     }
     return PairSet(
         images=images,
-        texts=texts,
+        texts=converted,
         text_mask=mask,
         image_index=pairs.image_index,
         similarity=pairs.similarity,
@@ -227,6 +234,7 @@ def from_run(
     dataset: str,
     eval_cfg: DictConfig,
     resize: str | None,
+    texts: str,
     cache_dir: Path,
     device: str,
     progress: Progress | None = None,
@@ -250,4 +258,4 @@ def from_run(
     source_train = real_split(
         source, train, dataset, cache_dir, device, progress=progress, workers=workers
     )
-    return convert(pairs, source, target, source_train, target_train, resize, device)
+    return convert(pairs, source, target, source_train, target_train, resize, texts, device)
