@@ -262,22 +262,23 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
     with progress_bar() as progress:
         prep = prepare(cfg, device, run, progress)
         if transfer.crosses(pairs, prep.encoder):
-            pairs = transfer.from_run(
-                pairs,
-                source,
-                prep.encoder,
-                prep.train,
-                prep.data.train,
-                str(cfg.dataset.name),
-                cfg.eval,
-                cfg.get("transfer", {}).get("resize"),
-                str(cfg.get("transfer", {}).get("texts", "auto")),
-                Path(cfg.paths.cache_dir),
-                device,
-                progress,
-                cfg.get("data_workers", "auto"),
-            )
-            pairs.save(run.path / "transferred")  # the set the students train on, to inspect
+            with run.timed("transfer"):
+                pairs = transfer.from_run(
+                    pairs,
+                    source,
+                    prep.encoder,
+                    prep.train,
+                    prep.data.train,
+                    str(cfg.dataset.name),
+                    cfg.eval,
+                    cfg.get("transfer", {}).get("resize"),
+                    str(cfg.get("transfer", {}).get("texts", "auto")),
+                    Path(cfg.paths.cache_dir),
+                    device,
+                    progress,
+                    cfg.get("data_workers", "auto"),
+                )
+                pairs.save(run.path / "transferred")  # the set the students train on, to inspect
     _check_compatible(pairs, prep)
     _evaluate_pairs(
         cfg,
