@@ -315,6 +315,15 @@ def test_cross_arch_matrix_rows_sources_columns_evaluators(tmp_path: Path, capsy
     write_result(runs / "c", "evaluate", "covmatch", "lite1_minilm", [40.0, 42.0], transfer=decoded)
     # An evaluate run records no budget of its own; LoRS's 99 pairs + S sit at the source's 100.
     edit(runs / "c" / "results.json", budget=None, pairs=99)
+    write_result(  # a second draw of the same set: one note, a count per draw
+        runs / "c1",
+        "evaluate",
+        "covmatch",
+        "lite1_minilm",
+        [40.0, 42.0],
+        transfer={**decoded, "distinct_images": 90},
+        seed=1,
+    )
     write_result(
         runs / "f",
         "evaluate",
@@ -331,13 +340,13 @@ def test_cross_arch_matrix_rows_sources_columns_evaluators(tmp_path: Path, capsy
     assert lines[0] == "| Distilled with | Method | Draws | lite0_minilm | lite1_minilm |"
     assert lines[2:] == [
         "| lite0_minilm | random @ 100 pairs | 1 | 24.0±0.0 | - |",
-        "| lite0_minilm | covmatch @ 100 pairs | 1 | 47.0±1.0 | 41.0±1.0 * |",
+        "| lite0_minilm | covmatch @ 100 pairs | 1-2 | 47.0±1.0 | 41.0±1.0 * |",
         "| lite0_minilm | covmatch @ 100 pairs, texts decoded | 1 | - | 30.0±0.0 * |",
         "| lite1_minilm | covmatch @ 100 pairs | 1 | - | 50.0±0.0 |",
         "| - | full data | 1 | - | 60.0±0.0 |",
     ]
     assert "lite0_minilm covmatch @ 100 pairs -> lite1_minilm: images decoded" in md
-    assert "(97 distinct)" in md and "Dataset: flickr8k" in md
+    assert md.count("(97, 90 distinct)") == 1 and "Dataset: flickr8k" in md
     with open(tmp_path / "out" / "cross_arch.csv") as f:
         rows = list(csv.DictReader(f))
     cell = next(
@@ -348,7 +357,7 @@ def test_cross_arch_matrix_rows_sources_columns_evaluators(tmp_path: Path, capsy
         and r["source_encoder"] == "lite0_minilm"
     )
     assert cell["decoded_coreset"] == "true" and cell["r_mean_mean"] == "41.0000"
-    assert cell["students"] == "2" and cell["texts"].startswith("kept")
+    assert cell["students"] == "4" and cell["texts"].startswith("kept") and "|" not in cell["texts"]
     # The ordinary table keeps the converted set's row apart from lite1's own covmatch row.
     built = tables.build(*tables.collect([runs]))
     covmatch = [row for row in built.rows if row[0] == "covmatch"]

@@ -97,17 +97,29 @@ def _cell_text(matrix: Matrix, row: tuple, column: str) -> str:
     return fmt(cell, "r_mean") + (f" {DECODED}" if matrix.decoded(row, column) else "")
 
 
-def _note(row: tuple, column: str, t: dict) -> str:
-    images = t.get("images", "?")
-    if "distinct_images" in t:
-        images += f" ({t['distinct_images']} distinct)"
-    texts = t.get("texts", "?")
-    if "distinct_captions" in t:
-        texts += f" ({t['distinct_captions']} distinct)"
-    line = f"{row[1]} {row[2]} -> {column}: images {images}; texts {texts}"
-    for key, what in (("similarity", "similarity"), ("step_sizes", "step sizes")):
-        line += f"; {what} {t[key]}" if t.get(key) else ""
-    return line
+def _counts(records: list[dict], key: str) -> str:
+    """' (96 distinct)', or one count per draw (' (96, 93 distinct)'); '' when not decoded."""
+    counts = [str(r[key]) for r in records if key in r]
+    return f" ({', '.join(counts)} distinct)" if counts else ""
+
+
+def _notes(matrix: Matrix, row: tuple, column: str) -> list[str]:
+    """One line per way a cell's sets were converted (draws differ only in their counts)."""
+    kinds: dict[tuple, list[dict]] = {}
+    for t in (r.transfer for r in matrix.cells[(row, column)].results if r.transfer):
+        what = tuple(t.get(k) for k in ("images", "texts", "similarity", "step_sizes"))
+        kinds.setdefault(what, []).append(t)
+    lines = []
+    for (images, texts, similarity, steps), records in kinds.items():
+        line = (
+            f"{row[1]} {row[2]} -> {column}: images {images}"
+            f"{_counts(records, 'distinct_images')}; texts {texts}"
+            f"{_counts(records, 'distinct_captions')}"
+        )
+        line += f"; similarity {similarity}" if similarity else ""
+        line += f"; step sizes {steps}" if steps else ""
+        lines.append(line)
+    return lines
 
 
 def markdown(matrix: Matrix, heading: str = "#") -> str:
@@ -132,11 +144,11 @@ def markdown(matrix: Matrix, heading: str = "#") -> str:
         cells += [_cell_text(matrix, row, c) for c in matrix.columns]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
-        _note(row, column, t)
+        line
         for row in matrix.rows
         for column in matrix.columns
         if (row, column) in matrix.cells
-        for t in matrix.transfers(row, column)
+        for line in _notes(matrix, row, column)
     ]
     lines += ["", *(f"- {n}" for n in notes)] if notes else []
     return "\n".join(lines) + "\n"
@@ -163,8 +175,8 @@ def csv_text(matrix: Matrix) -> str:
                 + [f"{v:.4f}" for m in METRICS for v in cell.stat(m)]
                 + [
                     str(matrix.decoded(row, column)).lower(),
-                    " | ".join(t.get("images", "") for t in ts),
-                    " | ".join(t.get("texts", "") for t in ts),
+                    " | ".join(dict.fromkeys(t.get("images", "") for t in ts)),
+                    " | ".join(dict.fromkeys(t.get("texts", "") for t in ts)),
                 ]
             )
     return out.getvalue()
