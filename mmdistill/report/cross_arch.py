@@ -3,8 +3,8 @@
 Rows are the encoder a set was distilled with x method (x budget); columns are the encoders
 whose students trained on it (the distill run itself, or `evaluate source=<run> encoder=...`);
 cells are r_mean as mean±std over every student of every seed. A cell whose set was converted
-for another encoder is marked with what the conversion did (a decoded coreset is a set of real
-pairs, not the synthetic set), and full-data `train` runs give each column's upper bound.
+for another encoder is marked with what the conversion did (a decoded coreset holds real
+images, not the synthetic ones), and full-data `train` runs give each column's upper bound.
 Writes cross_arch.md and cross_arch.csv.
 """
 
@@ -130,9 +130,10 @@ def markdown(matrix: Matrix, heading: str = "#") -> str:
         "",
         "Rows: the encoder a set was distilled with and its method; columns: the encoder whose "
         "students train on it (each with its own default student recipe); mean±std of r_mean "
-        f"over students. {DECODED}: a decoded coreset (each synthetic feature replaced by its "
-        "nearest real training image, so the column measures real pairs chosen by the method, "
-        "not the synthetic set). Conversions are listed under the table.",
+        f"over students. {DECODED}: a decoded coreset (each synthetic image feature replaced "
+        "by its nearest real training image, so the column measures real images chosen by the "
+        "method, not the synthetic ones); the texts were kept or decoded as the conversions "
+        "listed under the table say.",
         "",
         *([f"Dataset: {matrix.datasets[0]}", ""] if not many else []),
         "| " + " | ".join(lead + matrix.columns) + " |",

@@ -14,7 +14,7 @@ Another encoder's students can read it only after conversion, one modality at a 
   their nearest real training captions (cosine, in the source text trunk's space) and
   re-encoded by the target.
 
-A set whose images were decoded is a "decoded coreset" of real pairs, not the synthetic set;
+A set whose images were decoded is a "decoded coreset" (real images, not the synthetic ones);
 the `transfer` record saved with the results says what was done to each modality. A learned
 target similarity (LoRS's S, MDW's P) travels with the pairs, whose order is kept; learned
 step sizes were learned for the source's students and are dropped.
