@@ -33,11 +33,11 @@ from mmdistill.methods import DistillContext, get_method
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import is_text_features
-from mmdistill.report import pages, recall, share, tables
+from mmdistill.report import cross_arch, pages, recall, share, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run
 from mmdistill.sweeps import resolve_budget
-from mmdistill.training import cost, precision
+from mmdistill.training import cost, precision, transfer
 from mmdistill.training.experts import find_or_build_buffer
 from mmdistill.training.features import RealSplit, real_split
 from mmdistill.training.pairs import PairSet
@@ -156,6 +156,8 @@ def _evaluate_pairs(
     if pairs.partial:  # a set kept when its distillation stopped early
         results["partial"] = pairs.meta["partial"]
     results["cost"] = cost.block(pairs, run.meta, torch.get_num_threads())
+    if "transfer" in pairs.meta:  # evaluated with another encoder than it was made for
+        results["transfer"] = pairs.meta["transfer"]
     io.write_json(run.path / "results.json", results)
     io.write_text(run.path / "recall.md", recall.markdown(title, res.summary, len(res.students)))
     recall.print_table(console, title, res.summary, len(res.students))
@@ -251,13 +253,32 @@ def train(cfg: DictConfig, run_dir: Path, device: str) -> None:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
-    """Re-score a saved distilled set, on its own test split or another dataset's."""
+    """Re-score a saved distilled set, on its own test split or another dataset's, or with
+    another encoder's students (the set converted into its spaces: `training/transfer.py`)."""
     source = Path(str(cfg.source)).expanduser()
     pairs = share.read_set(source)  # a distill run folder or a Hugging Face export
     run = Run(run_dir, "evaluate", device, int(cfg.seed))
     run.set(source=str(source))
     with progress_bar() as progress:
         prep = prepare(cfg, device, run, progress)
+        if transfer.crosses(pairs, prep.encoder):
+            with run.timed("transfer"):
+                pairs = transfer.from_run(
+                    pairs,
+                    source,
+                    prep.encoder,
+                    prep.train,
+                    prep.data.train,
+                    str(cfg.dataset.name),
+                    cfg.eval,
+                    cfg.get("transfer", {}).get("resize"),
+                    str(cfg.get("transfer", {}).get("texts", "auto")),
+                    Path(cfg.paths.cache_dir),
+                    device,
+                    progress,
+                    cfg.get("data_workers", "auto"),
+                )
+                pairs.save(run.path / "transferred")  # the set the students train on, to inspect
     _check_compatible(pairs, prep)
     _evaluate_pairs(
         cfg,
@@ -265,7 +286,8 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
         prep,
         pairs,
         device,
-        f"{pairs.meta.get('method', '?')} from {source.name} · {cfg.dataset.name}",
+        f"{pairs.meta.get('method', '?')} from {source.name} · {cfg.dataset.name}"
+        + transfer.title(pairs),
     )
     run.mark_done()
 
@@ -396,9 +418,18 @@ def table(args: list[str]) -> None:
         help="what each budget shows, e.g. r_mean,cost.bytes,cost.pairs_equiv,cost.wall_s "
         "(also `columns=...`; default: TR/IR@1/5/10 and r_mean)",
     )
+    ap.add_argument(
+        "--cross-arch",
+        action="store_true",
+        help="the cross-architecture matrix instead: rows source encoder x method, columns "
+        "evaluation encoders, cells r_mean (cross_arch.md, cross_arch.csv)",
+    )
     # `columns=...` (the Hydra-style spelling) is the same option as `--columns ...`
     ns = ap.parse_args([re.sub(r"^columns=", "--columns=", a) for a in args])
     results, problems = tables.collect(ns.folders)
+    if ns.cross_arch:
+        _cross_arch_table(ns, results, problems)
+        return
     built = tables.build(results, problems, ns.columns)
     for line in built.warnings:
         print(line, file=sys.stderr)
@@ -406,6 +437,19 @@ def table(args: list[str]) -> None:
     files = tables.write(built, ns.out or ns.folders[0])
     if ns.into:
         tables.update_section(ns.into, ns.section, tables.markdown(built, heading="###"))
+        files.append(ns.into)
+    print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)
+
+
+def _cross_arch_table(ns: argparse.Namespace, results: list, problems: list[str]) -> None:
+    matrix = cross_arch.build(results, problems)
+    for line in matrix.warnings:
+        print(line, file=sys.stderr)
+    text = cross_arch.markdown(matrix)
+    print(text)
+    files = cross_arch.write(matrix, ns.out or ns.folders[0])
+    if ns.into:
+        tables.update_section(ns.into, ns.section, cross_arch.markdown(matrix, heading="###"))
         files.append(ns.into)
     print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)
 

@@ -30,6 +30,10 @@ TRAJECTORY_METHODS = ("mtt", "mtt_lora", "tesla", "lors", "repblend", "mdw")
 # Methods that count a learned similarity as one pair of the budget, and CovMatch variants.
 SIMILARITY_IN_BUDGET = ("lors", "repblend")
 COVMATCH_METHODS = ("covmatch", "covmatch_robust")
+# How `evaluate encoder=<other>` may resize distilled pixels (training/transfer.py).
+TRANSFER_RESIZE = ("bicubic", "bilinear")
+# Whether it keeps texts that both text trunks read alike (auto) or decodes them all.
+TRANSFER_TEXTS = ("auto", "decode")
 MISSING = "???"
 
 
@@ -486,7 +490,11 @@ VERBS: dict[str, dict[str, Rule]] = {
         "method.name": Choice(*METHODS),
     },
     "train": {},
-    "evaluate": {"source": TEXT},
+    "evaluate": {
+        "source": TEXT,
+        "transfer.resize": Choice(*TRANSFER_RESIZE, null=True),
+        "transfer.texts": Choice(*TRANSFER_TEXTS),
+    },
     "buffer": EXPERT,
 }
 

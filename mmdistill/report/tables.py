@@ -54,6 +54,8 @@ class Result:
             value = value.get(key) if isinstance(value, dict) else None
         return float(value) if _is_number(value) else None
 
+    transfer: dict | None = None  # how `evaluate encoder=<other>` converted the set, if it did
+
     @property
     def row(self) -> tuple[str, tuple[tuple[str, str], ...]]:
         return self.method, tuple(sorted(self.switches.items()))
@@ -250,9 +252,17 @@ def _read_result(path: Path) -> Result:
         # The requested budget, not the pairs distilled: LoRS's 99 pairs + S and MDW's N pairs +
         # P are 100-pair entries, as the papers count them.
         asked = b.get("pairs") if isinstance(b, dict) else None
+        if asked is None and isinstance(data.get("transfer"), dict):  # the source set's budget
+            asked = data["transfer"].get("budget")
         budget = (
             ("ratio", float(ratio)) if ratio is not None else ("pairs", int(asked or data["pairs"]))
         )
+    transfer = data.get("transfer")
+    if transfer is not None:  # the same set read by another encoder: its own rows
+        if not isinstance(transfer, dict) or "source_encoder" not in transfer:
+            raise ValueError("'transfer' is not a conversion record")
+        switches["source_encoder"] = str(transfer["source_encoder"])
+        switches["transfer.texts"] = str(transfer.get("texts_mode", "auto"))
     train_pairs = data.get("train_pairs")
     return Result(
         path=path,
@@ -266,6 +276,7 @@ def _read_result(path: Path) -> Result:
         mtime=path.stat().st_mtime,
         commit=_commit(path.parent / "meta.json"),
         data=data,
+        transfer=transfer,
     )
 
 
@@ -309,7 +320,7 @@ def collect(folders: list[Path]) -> tuple[list[Result], list[str]]:
     return results, problems
 
 
-def _method_rank(method: str) -> tuple[int, str]:
+def method_rank(method: str) -> tuple[int, str]:
     """The papers' order (coresets, then distillation methods: the method table's order);
     unknown names alphabetically after them, full data last."""
     order = METHODS.names()
@@ -346,9 +357,7 @@ def build(
         cells[(r.row, r.budget)].results.append(r)
     for cell in cells.values():
         cell.results.sort(key=lambda r: r.seed)
-    rows = sorted(
-        {r.row for r in by_seed.values()}, key=lambda row: (*_method_rank(row[0]), row[1])
-    )
+    rows = sorted({r.row for r in by_seed.values()}, key=lambda row: (*method_rank(row[0]), row[1]))
     shared, varying = _split_switches(rows, lambda k: not k.startswith("method."))
     for k in varying:
         values = sorted({dict(row[1]).get(k, "-") for row in rows})
