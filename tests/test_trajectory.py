@@ -367,7 +367,12 @@ def test_default_encoder_step_sizes_stay_in_range(tmp_path: Path, method: str) -
     """`mmdistill distill method=<trajectory method>` runs on the default pixel-space encoder:
     tiny's own step sizes (encoder.trajectory_lr) keep pixels and token embeddings in range,
     where the feature-space defaults (100 / 100, lr_lr 0.01) stop as divergence."""
-    cfg = compose_cfg(f"method={method}", "method.iterations=8", "method.checkpoint_every=4")
+    cfg = compose_cfg(
+        f"method={method}",
+        "method.iterations=8",
+        "method.checkpoint_every=4",
+        "method.eval_every=0",
+    )
     assert (cfg.method.lr_img, cfg.method.lr_txt, cfg.method.lr_lr) == (1e-2, 1e-3, 1e-5)
     pairs, _ = distill(tmp_path, cfg)
     assert torch.isfinite(pairs.images).all() and torch.isfinite(pairs.texts).all()
