@@ -51,6 +51,11 @@ LORS = [
     "method.max_start_epoch=1",
     "method.eval_every=2",
     "method.batch_syn=4",
+    # tiny's frozen random trunks give O(1) features: the feature-space step sizes of
+    # test_trajectory's FEATURE runs (tiny's own trajectory_lr is for its pixels)
+    "method.lr_img=1",
+    "method.lr_txt=1",
+    "method.lr_lr=1e-4",
 ]
 
 
