@@ -265,6 +265,7 @@ def evaluate(cfg: DictConfig, run_dir: Path, device: str) -> None:
             with run.timed("transfer"):
                 pairs = transfer.from_run(
                     pairs,
+                    share.source_config(source),
                     source,
                     prep.encoder,
                     prep.train,

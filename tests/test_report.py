@@ -59,13 +59,16 @@ LORS = [
 ]
 
 
-def mmdistill(*args: str) -> subprocess.CompletedProcess:
+def mmdistill(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if cache is not None:
+        env["MMDISTILL_CACHE"] = str(cache)
     return subprocess.run(
         [sys.executable, "-m", "mmdistill.cli", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=dict(os.environ),
+        env=env,
         timeout=600,
     )
 
@@ -73,8 +76,11 @@ def mmdistill(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("report")
+    # A cache of its own: with the session's, an expert buffer another test built would be
+    # reused and the LoRS run would train (and log) no expert.
+    cache = tmp_path_factory.mktemp("report-cache")
     for name, extra in (("covmatch", COVMATCH), ("lors", LORS)):
-        p = mmdistill("distill", *SMALL, *extra, f"hydra.run.dir={root / name}")
+        p = mmdistill("distill", *SMALL, *extra, f"hydra.run.dir={root / name}", cache=cache)
         assert p.returncode == 0, p.stderr[-3000:]
         assert "report: " in p.stderr
     return root

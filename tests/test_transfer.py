@@ -177,6 +177,22 @@ def test_cli_evaluates_a_feature_space_set_as_a_decoded_coreset(tmp_path: Path) 
     same_out = (moved.images[:, None] == moved.images[None]).all(-1)
     assert torch.equal(same_src, same_out)
     assert json.loads((out / "transferred.json").read_text())["meta"]["transfer"] == rec
+    # From its Hugging Face export (which keeps the distill config) it converts the same way.
+    p = mmdistill("export", str(src), "--format", "hf")
+    assert p.returncode == 0, p.stderr
+    out_hf = tmp_path / "eval-hf"
+    p = mmdistill(
+        "evaluate",
+        f"source={src / 'hf'}",
+        *SMALL,
+        *FROZEN,
+        *OTHER,
+        "threads=1",
+        f"hydra.run.dir={out_hf}",
+    )
+    assert p.returncode == 0, p.stderr
+    res_hf = io.read_json(out_hf / "results.json")
+    assert res_hf["transfer"] == rec and res_hf["summary"] == res["summary"]
 
 
 def test_cli_resizes_pixel_sets_only_when_told(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from mmdistill import __version__, io
-from mmdistill.config import run_config
+from mmdistill.config import register_resolvers, run_config
 from mmdistill.data.base import ImageTextSplit
 from mmdistill.errors import UserError
 from mmdistill.models.student import is_image_features
@@ -384,6 +384,18 @@ def read_set(source: Path) -> PairSet:
         f"source={source} holds no distilled.safetensors and no Hugging Face export; point it "
         "at a distill run folder or a `mmdistill export --format hf` folder"
     )
+
+
+def source_config(source: Path) -> DictConfig:
+    """The config a set was distilled with: its run folder's, or the one its export keeps."""
+    if (source / "distilled.safetensors").is_file():
+        return run_config(source)
+    marker = source / MARKER
+    info = io.read_json(marker, fix=REEXPORT, kind=dict)
+    if not isinstance(info.get("config"), dict):
+        raise io.damaged(marker, "it keeps no distill config", REEXPORT)
+    register_resolvers()
+    return OmegaConf.create(info["config"])
 
 
 def load_hf(folder: Path) -> PairSet:

@@ -31,7 +31,6 @@ from omegaconf import DictConfig
 from rich.progress import Progress
 from torch import Tensor
 
-from mmdistill.config import run_config
 from mmdistill.data.base import ImageTextSplit
 from mmdistill.data.images import PixelRule
 from mmdistill.errors import UserError
@@ -227,6 +226,7 @@ def convert(
 
 def from_run(
     pairs: PairSet,
+    made: DictConfig,
     source_run: Path,
     target: Encoder,
     target_train: RealSplit,
@@ -240,9 +240,9 @@ def from_run(
     progress: Progress | None = None,
     workers: int | str = "auto",
 ) -> PairSet:
-    """`evaluate source=<run> encoder=<other>`: rebuild the run's encoder, read the training
-    split with it (cached features), and convert the set for `target`."""
-    made = run_config(source_run)
+    """`evaluate source=<run> encoder=<other>`: rebuild the encoder of `made` (the config the
+    set was distilled with, from its run folder or its export), read the training split with it
+    (cached features), and convert the set for `target`."""
     made_on = str(made.dataset.name)
     if made_on != dataset:
         raise UserError(
