@@ -117,15 +117,17 @@ def test_claim_slot_gives_each_live_process_its_own(tmp_path: Path) -> None:
 
 
 def test_killed_sweep_relaunch_runs_only_the_unfinished_jobs(tmp_path: Path) -> None:
-    # Each job trains long enough (seconds, even on a fast machine) that the kill below, sent
-    # within 50 ms of the first `done`, always lands before a second job can finish.
-    slow = [*TINY[:-2], "eval.steps=300", "device=cpu"]
+    # Jobs run one after another, and each takes seconds (set-up, then 60 student steps), so
+    # the kill below, sent within 50 ms of the first `done`, lands before a second can finish.
+    slow = [*TINY[:-2], "eval.steps=60", "device=cpu"]
     sweep = ["distill", "-m", *slow, "budget.pairs=6,8,10"]
     env = {**os.environ, "MMDISTILL_OUTPUTS": str(tmp_path)}
-    proc = subprocess.Popen(
-        cli(*sweep, outputs=tmp_path), cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    log = tmp_path / "first-launch.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            cli(*sweep, outputs=tmp_path), cwd=REPO, env=env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if any((j / "done").is_file() for j in jobs(tmp_path).values()):
@@ -134,7 +136,7 @@ def test_killed_sweep_relaunch_runs_only_the_unfinished_jobs(tmp_path: Path) -> 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {k: (j / "done").is_file() for k, j in jobs(tmp_path).items()}
-    assert sum(before.values()) == 1, before
+    assert sum(before.values()) == 1, (before, log.read_text()[-2000:])
     finished = next(k for k, d in before.items() if d)
     meta_before = (jobs(tmp_path)[finished] / "meta.json").read_text()
     started = {k for k, j in jobs(tmp_path).items() if not before[k] and (j / "meta.json").exists()}
