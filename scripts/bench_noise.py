@@ -95,7 +95,8 @@ def result(folder: Path) -> dict | None:
     det = folder / "detection.json"
     if det.is_file():  # MDW's dual-track clean set
         out["detection"] = json.loads(det.read_text())["clean_set"]
-    robust = json.loads((folder / "distilled.json").read_text()).get("meta", {}).get("robust")
+    made = folder / "distilled.json"  # absent for full-data training
+    robust = json.loads(made.read_text()).get("meta", {}).get("robust") if made.is_file() else None
     if isinstance(robust, dict) and robust.get("against_noise_mask"):  # robust CovMatch's
         out["detection"] = robust["detection"]
     meta = json.loads((folder / "meta.json").read_text())
@@ -141,7 +142,7 @@ def table(ratios: list[float], rows: list[str], args: argparse.Namespace) -> str
             if "detection" in res and "precision" in res["detection"]:
                 d = res["detection"]
                 cell += f"; P {d['precision']:.2f} / R {d['recall']:.2f}"
-            if res["pairs"] != args.pairs and row != "noisy_full":
+            if res["pairs"] != args.pairs and row not in ("noisy_full", "clean_full"):
                 cell += f"; {res['pairs']} pairs"
             cells.append(cell)
         lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
