@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,14 @@ from mmdistill.config import compose
 from mmdistill.errors import UserError
 from mmdistill.jobs import distill_context, prepare
 from mmdistill.methods import DistillContext, get_method
-from mmdistill.methods.covmatch import CovMatch, covmatch_loss, cross_covariance
+from mmdistill.methods import covmatch as covmatch_module
+from mmdistill.methods.covmatch import (
+    CovMatch,
+    PairWeights,
+    covmatch_loss,
+    cross_covariance,
+    weighted_statistics,
+)
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import TextTrunk
 from mmdistill.runs import Run
@@ -217,6 +225,49 @@ def test_full_real_statistics_need_frozen_trunks(tmp_path: Path) -> None:
     ctx, _ = context(tmp_path, cfg, 10)
     with pytest.raises(UserError, match="real_stats=batch"):
         CovMatch(cfg.method).distill(ctx)
+
+
+# --------------------------------------------------------------------------- robust mode
+
+
+def test_weighted_statistics_with_0_1_weights_are_those_of_the_kept_pairs() -> None:
+    gen = torch.Generator().manual_seed(3)
+    v, t = torch.randn(40, 6, generator=gen) + 2, torch.randn(40, 5, generator=gen) - 1
+    keep = torch.rand(40, generator=gen) > 0.4
+    cov, mv, mt = weighted_statistics(v, t, keep.float())
+    torch.testing.assert_close(cov, cross_covariance(v[keep], t[keep]))
+    torch.testing.assert_close(mv, v[keep].mean(0, keepdim=True))
+    torch.testing.assert_close(mt, t[keep].mean(0, keepdim=True))
+    # Reliability weights: scaling every weight changes nothing.
+    soft = torch.rand(40, generator=gen)
+    scaled = weighted_statistics(v, t, 7 * soft)
+    for a, b in zip(weighted_statistics(v, t, soft), scaled, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_rho_scale_undoes_the_share_of_mismatched_pairs() -> None:
+    clean = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    exact = PairWeights(prob=clean, weight=clean, pool=torch.arange(3), report={})
+    assert exact.rho_scale == pytest.approx(1.0)  # only clean pairs weigh: nothing shrinks
+    unsure = torch.full((4,), 0.5)
+    half = PairWeights(prob=unsure, weight=unsure, pool=torch.arange(4), report={})
+    assert half.rho_scale == pytest.approx(2.0)  # half the weighted pairs add no covariance
+
+
+def test_an_estimated_clean_fraction_near_zero_is_one_warning_with_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = compose_cfg(*SMALL, *FROZEN, "method=covmatch_robust")
+    ctx, _ = context(tmp_path, cfg, 10)
+    n = ctx.train.n_pairs
+    low = SimpleNamespace(prob=(torch.full((n,), 0.01), torch.full((n,), 0.03)))
+    monkeypatch.setattr(covmatch_module, "cached_detection", lambda *a, **k: low)
+    with caplog.at_level("WARNING"):
+        weights = CovMatch(cfg.method).pair_weights(ctx)
+    assert weights.report["estimated_clean_fraction"] == pytest.approx(0.02)
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "method.robust.enabled=false" in warning.getMessage()
+    assert "\n" not in warning.getMessage()
 
 
 # --------------------------------------------------------------------------- runs
