@@ -445,6 +445,7 @@ COVMATCH = {
     "method.momentum": FRACTION,
     "method.real_batch": Int(2),
     "method.real_stats": Choice("auto", "batch", "full"),
+    "method.init": Choice("random", "herding", "kcenter"),
     "method.reset_every": COUNT,
     "method.reset_to": Choice("fresh", "initial"),
     "method.proj_dim": COUNT,

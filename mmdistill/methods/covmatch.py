@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -40,6 +41,7 @@ from mmdistill.methods.base import (
     out_of_range,
     sane_bounds,
 )
+from mmdistill.methods.coresets import herding, joint_features, kcenter
 from mmdistill.methods.mdw_dual_track import (
     DualTrackSettings,
     cached_detection,
@@ -59,6 +61,12 @@ from mmdistill.training.trainer import (
 )
 
 log = logging.getLogger(__name__)
+# Where the synthetic pairs start (`method.init`), besides random real pairs: a coreset of the
+# joint (image, text) trunk features, so the matching starts from pairs that already cover them.
+INITS: dict[str, Callable[[Tensor, int, torch.Generator], Tensor]] = {
+    "herding": lambda x, k, gen: herding(x, k),
+    "kcenter": lambda x, k, gen: kcenter(x, k, int(torch.randint(len(x), (1,), generator=gen))),
+}
 CHECKPOINT = "covmatch"
 RESETS = ("fresh", "initial")
 PER_BUDGET = ("rho", "lambda", "steps", "syn_batch")
@@ -283,7 +291,9 @@ class CovMatch:
         """Random real pairs (of `pool`, the clean pool, when given): pixels or image features,
         token embeddings or text features."""
         train, enc = ctx.train, ctx.encoder
-        if pool is None:
+        if pool is None and self.cfg.get("init", "random") != "random":
+            idx = INITS[str(self.cfg.init)](joint_features(ctx), ctx.pairs, gen)
+        elif pool is None:
             idx = torch.randperm(train.n_pairs, generator=gen)[: ctx.pairs]
         elif len(pool) < ctx.pairs:
             raise UserError(
