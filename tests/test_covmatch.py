@@ -20,6 +20,7 @@ from mmdistill.errors import UserError
 from mmdistill.jobs import distill_context, prepare
 from mmdistill.methods import DistillContext, get_method
 from mmdistill.methods import covmatch as covmatch_module
+from mmdistill.methods.coresets import herding, joint_features, kcenter
 from mmdistill.methods.covmatch import (
     CovMatch,
     PairWeights,
@@ -225,6 +226,29 @@ def test_full_real_statistics_need_frozen_trunks(tmp_path: Path) -> None:
     ctx, _ = context(tmp_path, cfg, 10)
     with pytest.raises(UserError, match="real_stats=batch"):
         CovMatch(cfg.method).distill(ctx)
+
+
+@pytest.mark.parametrize("init", ["herding", "kcenter"])
+def test_coreset_init_starts_from_that_coreset(tmp_path: Path, init: str) -> None:
+    cfg = compose_cfg(*SMALL, *FROZEN, f"method.init={init}")
+    ctx, _ = context(tmp_path, cfg, 10)
+    feats = joint_features(ctx)
+    gen = torch.Generator().manual_seed(0)
+    syn = CovMatch(cfg.method)._init_synthetic(ctx, gen)
+    first = int(torch.randint(len(feats), (1,), generator=torch.Generator().manual_seed(0)))
+    want = herding(feats, 10) if init == "herding" else kcenter(feats, 10, first)
+    assert torch.equal(syn["source"], want)
+    train = ctx.train
+    assert torch.equal(syn["images"], train.images[train.caption_image[want]].float())
+    assert torch.equal(syn["texts"], train.texts[want].float())
+    # The default stays the paper's random real pairs.
+    plain = compose_cfg(*SMALL, *FROZEN)
+    assert plain.method.init == "random"
+    rand = CovMatch(plain.method)._init_synthetic(ctx, torch.Generator().manual_seed(0))
+    assert torch.equal(
+        rand["source"],
+        torch.randperm(train.n_pairs, generator=torch.Generator().manual_seed(0))[:10],
+    )
 
 
 # --------------------------------------------------------------------------- robust mode

@@ -288,8 +288,9 @@ class CovMatch:
     def _init_synthetic(
         self, ctx: DistillContext, gen: torch.Generator, pool: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Random real pairs (of `pool`, the clean pool, when given): pixels or image features,
-        token embeddings or text features."""
+        """Real pairs: random ones (of `pool`, the clean pool, when given), or the herding /
+        k-center coreset that `method.init` names; pixels or image features, token embeddings
+        or text features."""
         train, enc = ctx.train, ctx.encoder
         if pool is None and self.cfg.get("init", "random") != "random":
             idx = INITS[str(self.cfg.init)](joint_features(ctx), ctx.pairs, gen)
