@@ -241,6 +241,13 @@ def test_coreset_init_starts_from_that_coreset(tmp_path: Path, init: str) -> Non
     train = ctx.train
     assert torch.equal(syn["images"], train.images[train.caption_image[want]].float())
     assert torch.equal(syn["texts"], train.texts[want].float())
+    # Robust mode's clean pool: the same coreset, taken among the pool's pairs.
+    pool = torch.arange(0, train.n_pairs, 2)
+    in_pool = CovMatch(cfg.method)._init_synthetic(ctx, torch.Generator().manual_seed(0), pool)
+    sub = feats[pool]
+    first = int(torch.randint(len(sub), (1,), generator=torch.Generator().manual_seed(0)))
+    picked = herding(sub, 10) if init == "herding" else kcenter(sub, 10, first)
+    assert torch.equal(in_pool["source"], pool[picked])
     # The default stays the paper's random real pairs.
     plain = compose_cfg(*SMALL, *FROZEN)
     assert plain.method.init == "random"

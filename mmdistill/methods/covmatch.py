@@ -288,21 +288,21 @@ class CovMatch:
     def _init_synthetic(
         self, ctx: DistillContext, gen: torch.Generator, pool: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """Real pairs: random ones (of `pool`, the clean pool, when given), or the herding /
-        k-center coreset that `method.init` names; pixels or image features, token embeddings
-        or text features."""
+        """Real pairs of `pool` (the clean pool, when given; else every pair): random ones, or
+        the herding / k-center coreset that `method.init` names; pixels or image features,
+        token embeddings or text features."""
         train, enc = ctx.train, ctx.encoder
-        if pool is None and self.cfg.get("init", "random") != "random":
-            idx = INITS[str(self.cfg.init)](joint_features(ctx), ctx.pairs, gen)
-        elif pool is None:
-            idx = torch.randperm(train.n_pairs, generator=gen)[: ctx.pairs]
-        elif len(pool) < ctx.pairs:
+        if pool is not None and len(pool) < ctx.pairs:
             raise UserError(
                 f"the clean pool holds {len(pool)} pairs, fewer than the {ctx.pairs} to distil; "
                 "lower method.robust.threshold or set method.robust.clean_init=false"
             )
+        cand = torch.arange(train.n_pairs) if pool is None else pool
+        init = str(self.cfg.get("init", "random"))
+        if init == "random":
+            idx = cand[torch.randperm(len(cand), generator=gen)[: ctx.pairs]]
         else:
-            idx = pool[torch.randperm(len(pool), generator=gen)[: ctx.pairs]]
+            idx = cand[INITS[init](joint_features(ctx)[cand], ctx.pairs, gen)]
         out = {"images": train.images[train.caption_image[idx]].float().clone(), "source": idx}
         if _token_text(train):
             _check_embeddable(enc)
