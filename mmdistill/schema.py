@@ -29,7 +29,7 @@ LOSS_NAMES = ("infonce", "soft_infonce", "wbce")
 TRAJECTORY_METHODS = ("mtt", "mtt_lora", "tesla", "lors", "repblend", "mdw")
 # Methods that count a learned similarity as one pair of the budget, and CovMatch variants.
 SIMILARITY_IN_BUDGET = ("lors", "repblend")
-COVMATCH_METHODS = ("covmatch", "covmatch_robust")
+COVMATCH_METHODS = ("covmatch", "covmatch_robust", "covmatch_lowrank")
 # How `evaluate encoder=<other>` may resize distilled pixels (training/transfer.py).
 TRANSFER_RESIZE = ("bicubic", "bilinear")
 # Whether it keeps texts that both text trunks read alike (auto) or decodes them all.
@@ -446,6 +446,7 @@ COVMATCH = {
     "method.real_batch": Int(2),
     "method.real_stats": Choice("auto", "batch", "full"),
     "method.init": Choice("random", "herding", "kcenter"),
+    "method.rank": Int(0),
     "method.reset_every": COUNT,
     "method.reset_to": Choice("fresh", "initial"),
     "method.proj_dim": COUNT,
@@ -476,6 +477,7 @@ METHODS: dict[str, dict[str, Rule]] = {
     "mdw": {**MTT, **MDW, **EXPERT},
     "covmatch": COVMATCH,
     "covmatch_robust": COVMATCH,
+    "covmatch_lowrank": COVMATCH,
 }
 LOGGERS: dict[str, dict[str, Rule]] = {
     "none": {},

@@ -22,6 +22,7 @@ METHODS: Registry = Registry(
         "repblend": TrajectoryMatching,
         "covmatch": CovMatch,
         "covmatch_robust": CovMatch,
+        "covmatch_lowrank": CovMatch,
         "mdw": MDW,
     },
 )

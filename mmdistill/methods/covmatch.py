@@ -13,6 +13,11 @@ sequences `[N, L, E]` (fed to the text trunk like `inputs_embeds`) when the text
 and frozen-trunk features otherwise. In feature space C_syn is the cross-covariance of the
 synthetic features themselves, and the heads enter only through the mean term.
 
+Factorised sets (`rank`, our extension, feature space only): each modality is stored as
+coefficients on the top-`rank` singular directions of the real cross-covariance plus the real
+mean, so a budget of N pairs' bytes holds many more pairs, all inside the subspace where the
+best rank-`rank` approximation of C_real lives; the coefficients are what the loss updates.
+
 Resetting: `reset_to: fresh` rebuilds the online student with a new seed each round, which for
 a pretrained encoder is a pristine pretrained copy and for a random-init encoder (`tiny`) a
 new random draw, like the students evaluation trains; `initial` keeps one trunk init for every
@@ -50,7 +55,7 @@ from mmdistill.methods.mdw_dual_track import (
 from mmdistill.models.encoders import Encoder, Tokens
 from mmdistill.models.student import is_text_features
 from mmdistill.training.features import RealSplit
-from mmdistill.training.pairs import PairSet
+from mmdistill.training.pairs import Factor, PairSet
 from mmdistill.training.trainer import (
     Batches,
     FiniteCheck,
@@ -183,6 +188,23 @@ def covmatch_loss(
     return cov + lam * mean, {"cov": cov.detach(), "mean": mean.detach()}
 
 
+def factored_pairs(budget: int, rank: int, dims: tuple[int, int]) -> int:
+    """How many pairs of rank-`rank` coefficients fit in the bytes of `budget` plain pairs
+    beside the two bases `[rank, D]` and offsets `[D]`: (budget - rank - 1) (D_v + D_t) / 2 rank."""
+    return (budget - rank - 1) * sum(dims) // (2 * rank)
+
+
+def subspace(real_cov: Tensor, means: tuple[Tensor, Tensor], rank: int) -> tuple[Factor, Factor]:
+    """Bases (the top-`rank` left / right singular vectors of C_real) and offsets (the real
+    means) of a factorised set, with no coefficients yet."""
+    u, _, vh = torch.linalg.svd(real_cov, full_matrices=False)
+    empty = real_cov.new_zeros(0, rank)
+    return (
+        Factor(empty, u[:, :rank].T.contiguous(), means[0].flatten()),
+        Factor(empty, vh[:rank].contiguous(), means[1].flatten()),
+    )
+
+
 def budget_settings(cfg: DictConfig, pairs: int) -> dict[str, object]:
     """rho, lambda, steps and syn_batch: explicit values win, `auto` reads `by_budget`.
 
@@ -213,6 +235,7 @@ class CovMatch:
             raise UserError(f"method.real_batch={cfg.real_batch}: a covariance needs at least 2")
         self.cfg = cfg
         self.robust = RobustSettings.from_cfg(cfg.get("robust"))
+        self.factors: tuple[Factor, Factor] | None = None
 
     def pair_weights(self, ctx: DistillContext) -> PairWeights:
         """Clean probabilities from dual-track detection (cached), the mean of both tracks'."""
@@ -286,23 +309,23 @@ class CovMatch:
     # ------------------------------------------------------------------ synthetic state
 
     def _init_synthetic(
-        self, ctx: DistillContext, gen: torch.Generator, pool: Tensor | None = None
+        self, ctx: DistillContext, gen: torch.Generator, n: int, pool: Tensor | None = None
     ) -> dict[str, Tensor]:
         """Real pairs of `pool` (the clean pool, when given; else every pair): random ones, or
         the herding / k-center coreset that `method.init` names; pixels or image features,
         token embeddings or text features."""
         train, enc = ctx.train, ctx.encoder
-        if pool is not None and len(pool) < ctx.pairs:
+        if pool is not None and len(pool) < n:
             raise UserError(
-                f"the clean pool holds {len(pool)} pairs, fewer than the {ctx.pairs} to distil; "
+                f"the clean pool holds {len(pool)} pairs, fewer than the {n} to distil; "
                 "lower method.robust.threshold or set method.robust.clean_init=false"
             )
         cand = torch.arange(train.n_pairs) if pool is None else pool
         init = str(self.cfg.get("init", "random"))
         if init == "random":
-            idx = cand[torch.randperm(len(cand), generator=gen)[: ctx.pairs]]
+            idx = cand[torch.randperm(len(cand), generator=gen)[:n]]
         else:
-            idx = cand[INITS[init](joint_features(ctx)[cand], ctx.pairs, gen)]
+            idx = cand[INITS[init](joint_features(ctx)[cand], n, gen)]
         out = {"images": train.images[train.caption_image[idx]].float().clone(), "source": idx}
         if _token_text(train):
             _check_embeddable(enc)
@@ -332,6 +355,26 @@ class CovMatch:
             what="CovMatch's online student",
             hint=f"lower method.online.lr (now {self.cfg.online.lr})",
         )
+
+    def _rank(self, ctx: DistillContext, frozen: bool) -> int:
+        """`method.rank`, checked: 0 (plain pairs) or a factorised set's rank."""
+        rank = int(self.cfg.get("rank", 0))
+        if rank == 0:
+            return 0
+        if not frozen or str(self.cfg.real_stats) == "batch":
+            raise UserError(
+                f"method.rank={rank} factorises frozen-trunk features along the real "
+                f"cross-covariance, but encoder {ctx.encoder.name} trains a trunk or "
+                "method.real_stats=batch; set method.rank=0"
+            )
+        dims = (ctx.train.images.shape[1], ctx.train.texts.shape[1])
+        n = factored_pairs(ctx.pairs, rank, dims)
+        if rank > min(dims) or n < 2:
+            raise UserError(
+                f"method.rank={rank} leaves room for {max(n, 0)} pairs in the bytes of "
+                f"{ctx.pairs}; lower method.rank (at most {min(dims)}) or raise budget.pairs"
+            )
+        return rank
 
     def _full_statistics(
         self, ctx: DistillContext, weights: PairWeights | None = None
@@ -365,7 +408,10 @@ class CovMatch:
 
     def distill(self, ctx: DistillContext) -> PairSet:
         frozen = ctx.encoder.image_space == "feature" and ctx.encoder.text_space == "feature"
-        s = self.settings(ctx.pairs, feature_space=frozen)
+        rank = self._rank(ctx, frozen)
+        dims = (ctx.train.images.shape[1], ctx.train.texts.shape[1])
+        n_syn = factored_pairs(ctx.pairs, rank, dims) if rank else ctx.pairs
+        s = self.settings(n_syn, feature_space=frozen)
         rho, lam, steps = float(s["rho"]), float(s["lambda"]), int(s["steps"])
         syn_batch = int(s["syn_batch"])
         gen = torch.Generator().manual_seed(ctx.seed)
@@ -378,7 +424,17 @@ class CovMatch:
             )
         if weights is not None and self.robust.rescale_rho:
             rho *= weights.rho_scale
-        syn = self._init_synthetic(ctx, gen, pool if self.robust.clean_init else None)
+        real_cov, real_means = self._full_statistics(ctx, weights)
+        factors = None
+        if rank:
+            assert real_cov is not None and real_means is not None  # _rank checked real_stats
+            factors = subspace(real_cov.cpu(), (real_means[0].cpu(), real_means[1].cpu()), rank)
+            log.info("covmatch: %d pairs of rank %d in the bytes of %d", n_syn, rank, ctx.pairs)
+        self.factors = factors  # partial sets read back from checkpoints decode with them
+        syn = self._init_synthetic(ctx, gen, n_syn, pool if self.robust.clean_init else None)
+        if factors is not None:
+            for key, f in zip(("images", "texts"), factors, strict=True):
+                syn[key] = (syn[key] - f.offset) @ f.basis.T
         self.bounds = sane_bounds(images=syn["images"], texts=syn["texts"])
         real = ctx.train.pairset().to(ctx.device)  # on the device once, not per batch
         n_real = len(real) if pool is None else len(pool)
@@ -411,7 +467,6 @@ class CovMatch:
 
         if saved is None:
             checkpoint(0)  # the initial set is the last good one until the first checkpoint
-        real_cov, real_means = self._full_statistics(ctx, weights)
         reset_every, every = int(self.cfg.reset_every), int(self.cfg.checkpoint_every)
         log_every = int(self.cfg.log_every)
         # The curve gets at least about 100 points; meta's loss history keeps log_every.
@@ -426,7 +481,20 @@ class CovMatch:
             self._diverged(ctx, at, f"the loss became {value}")
 
         check = FiniteCheck(default_check_every(ctx.device), diverged)
-        every_pair = torch.arange(ctx.pairs, device=ctx.device)
+        every_pair = torch.arange(n_syn, device=ctx.device)
+        on_device = (
+            None
+            if factors is None
+            else [(f.basis.to(ctx.device), f.offset.to(ctx.device)) for f in factors]
+        )
+
+        def decoded(x: Tensor, which: int) -> Tensor:
+            """Features of synthetic rows: the rows themselves, or coefficients decoded."""
+            if on_device is None:
+                return x
+            basis, offset = on_device[which]
+            return torch.addmm(offset, x, basis)
+
         online: Trainer | None = None
         val_every = int(ctx.monitor.val_every) if ctx.monitor is not None else 0
         watching = 0.0  # seconds spent in val checks, left out of seconds_per_step
@@ -460,8 +528,8 @@ class CovMatch:
             # 1. Synthetic update against the current online student (no gradient to it).
             sidx = (
                 every_pair
-                if syn_batch == ctx.pairs
-                else torch.randperm(ctx.pairs, generator=gen)[:syn_batch].to(ctx.device)
+                if syn_batch == n_syn
+                else torch.randperm(n_syn, generator=gen)[:syn_batch].to(ctx.device)
             )
             student.eval()
             if real_means is not None:
@@ -471,8 +539,10 @@ class CovMatch:
                 with torch.no_grad():
                     feats_real = (student.image_features(ri), student.text_features(rt, rm))
             feats_syn = (
-                student.image_features(images[sidx]),
-                student.text_features(texts[sidx], None if mask is None else mask[sidx]),
+                student.image_features(decoded(images[sidx], 0)),
+                student.text_features(
+                    decoded(texts[sidx], 1), None if mask is None else mask[sidx]
+                ),
             )
             loss, parts = covmatch_loss(
                 feats_real, feats_syn, (student.image_head, student.text_head), rho, lam, real_cov
@@ -511,13 +581,22 @@ class CovMatch:
 
         images, texts = images.detach().cpu(), texts.detach().cpu()
         mask = None if mask is None else mask.cpu()
+        stored: dict[str, Factor] = {}
+        if factors is not None:
+            stored = {
+                "images": Factor(images, factors[0].basis, factors[0].offset),
+                "texts": Factor(texts, factors[1].basis, factors[1].offset),
+            }
+            images, texts = stored["images"].decode(), stored["texts"].decode()
         nearest = nearest_captions(ctx.encoder, ctx.train, texts, mask, ctx.device)
         return PairSet(
             images=images,
             texts=texts,
             text_mask=mask,
+            factors=stored,
             meta={
                 "method": "covmatch",
+                "rank": rank or None,
                 "rho": rho,
                 "lambda": lam,
                 "steps": steps,
@@ -544,10 +623,17 @@ class CovMatch:
         saved = ctx.run.load_checkpoint(CHECKPOINT)
         assert saved is not None  # distill() saves step 0 before the first update
         tensors, state = saved
+        stored = {}
+        if self.factors is not None:
+            stored = {
+                key: Factor(tensors[key], f.basis, f.offset)
+                for key, f in zip(("images", "texts"), self.factors, strict=True)
+            }
         pairs = PairSet(
-            images=tensors["images"],
-            texts=tensors["texts"],
+            images=stored["images"].decode() if stored else tensors["images"],
+            texts=stored["texts"].decode() if stored else tensors["texts"],
             text_mask=tensors.get("text_mask"),
+            factors=stored,
             meta={"method": "covmatch", "init_pairs": tensors["source"].tolist()},
         )
         path = keep_partial(ctx.run, pairs, what, step, int(state["step"]))

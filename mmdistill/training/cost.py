@@ -5,7 +5,8 @@ correspondence P, learned step sizes), so a budget in pairs alone does not compa
 part of a set is counted in bytes as the set holds it, and `pairs_equiv` divides the total by
 the bytes of one real pair stored the same way (one image row and one text row in the set's own
 space: pixels or features, token ids or embeddings, with the mask when the set has one). A plain
-set of N pairs is then exactly N; LoRS's N-1 pairs + S come out above N-1 by what S weighs.
+set of N pairs is then exactly N; LoRS's N-1 pairs + S come out above N-1 by what S weighs, and a
+factorised set counts its coefficients, bases and offsets, not the pairs they decode to.
 
 The run's side comes from its run folder: wall seconds per timed stage, device-hours, and the
 resource peaks. Evaluation students on a CPU train in forked processes, so the largest child's
@@ -68,9 +69,16 @@ def set_bytes(pairs: PairSet) -> dict[str, int]:
     similarity = 0
     if pairs.similarity is not None:
         similarity = sum(_nbytes(v) for v in pairs.similarity.state_dict().values())
+    stored = pairs.stored_factors()
+
+    def modality(name: str) -> int:
+        if name in stored:
+            return sum(_nbytes(t) for t in stored[name].tensors(name).values())
+        return _nbytes(getattr(pairs, name))
+
     return {
-        "images": _nbytes(pairs.images),
-        "texts": _nbytes(pairs.texts) + _nbytes(pairs.text_mask),
+        "images": modality("images"),
+        "texts": modality("texts") + _nbytes(pairs.text_mask),
         "similarity": similarity,
         "step_sizes": STEP_SIZE_BYTES * len(pairs.step_sizes),
         "other": _nbytes(pairs.image_index),

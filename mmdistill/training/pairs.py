@@ -4,7 +4,9 @@ Images are pixels `[N,3,H,W]` (a tensor, or for a real split a `PixelStore` read
 frozen-trunk features `[N,D]`; texts are features `[N,D]`,
 token ids `[N,L]` or token embeddings `[N,L,E]` (with a mask). `image_index` lets many pairs
 share one stored image (the real training set has 5 captions per image). A learned target
-similarity (LoRS, MDW) and learned student step sizes travel with the set.
+similarity (LoRS, MDW) and learned student step sizes travel with the set. A factorised set
+(`factors`) stores a modality as coefficients on a shared basis plus an offset, so it holds more
+pairs in the same bytes; it is decoded once on load, and students never see the difference.
 """
 
 from __future__ import annotations
@@ -22,6 +24,30 @@ from mmdistill.errors import UserError
 from mmdistill.training.similarity import build_similarity
 
 FORMAT_VERSION = 1
+MODALITIES = ("images", "texts")
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One modality stored as `coef @ basis + offset`: coefficients `[N, k]` on a shared basis
+    `[k, D]`, plus an offset `[D]`."""
+
+    coef: Tensor
+    basis: Tensor
+    offset: Tensor
+
+    def decode(self) -> Tensor:
+        return torch.addmm(self.offset, self.coef, self.basis)
+
+    def tensors(self, name: str) -> dict[str, Tensor]:
+        return {f"{name}.{k}": getattr(self, k) for k in ("coef", "basis", "offset")}
+
+    @classmethod
+    def read(cls, tensors: dict[str, Tensor], name: str) -> Factor | None:
+        keys = [f"{name}.{k}" for k in ("coef", "basis", "offset")]
+        if not all(k in tensors for k in keys):
+            return None
+        return cls(*(tensors[k] for k in keys))
 
 
 @dataclass
@@ -35,6 +61,7 @@ class PairSet:
     step_sizes: dict[str, float] = field(default_factory=dict)
     loss: str = "infonce"
     meta: dict[str, Any] = field(default_factory=dict)
+    factors: dict[str, Factor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.texts.shape[0]
@@ -87,12 +114,29 @@ class PairSet:
             step_sizes=dict(self.step_sizes),
             loss=self.loss,
             meta=dict(self.meta),
+            factors=dict(self.factors),
         )
+
+    def stored_factors(self) -> dict[str, Factor]:
+        """The factors that still decode to this set's modality bit for bit: a set whose
+        images or texts were replaced (a transfer to another encoder) is stored plainly."""
+        return {
+            name: f
+            for name, f in self.factors.items()
+            if isinstance(getattr(self, name), Tensor)
+            and torch.equal(f.decode(), getattr(self, name).to(f.coef.device))
+        }
 
     def save(self, path: Path) -> None:
         """Write `<path>.safetensors` + `<path>.json` atomically."""
         path = Path(path)
-        tensors = {"images": self.images, "texts": self.texts}
+        factors = self.stored_factors()
+        tensors: dict[str, Tensor] = {}
+        for name in MODALITIES:
+            if name in factors:
+                tensors.update(factors[name].tensors(name))
+            else:
+                tensors[name] = getattr(self, name)
         if self.text_mask is not None:
             tensors["text_mask"] = self.text_mask
         if self.image_index is not None:
@@ -112,6 +156,7 @@ class PairSet:
                 "step_sizes": self.step_sizes,
                 "loss": self.loss,
                 "partial": self.partial,
+                "factored": sorted(factors),
                 "meta": self.meta,
             },
         )
@@ -138,7 +183,16 @@ class PairSet:
                 f"{side} has format version {info.get('format_version')}, this mmdistill reads "
                 f"{FORMAT_VERSION}; re-run the distillation with this version"
             )
-        t = io.load_tensors(tensors_path, fix=fix, need=("images", "texts"))
+        t = io.load_tensors(tensors_path, fix=fix)
+        factors = {}
+        for name in MODALITIES:
+            found = Factor.read(t, name)
+            if found is not None:
+                with io.reading(tensors_path, fix):
+                    t[name] = found.decode()
+                factors[name] = found
+            elif name not in t:
+                raise io.damaged(tensors_path, f"it has no tensor {name}", fix)
         with io.reading(side, fix):
             sim = None
             if info.get("similarity"):
@@ -161,6 +215,7 @@ class PairSet:
                 step_sizes={str(k): float(v) for k, v in (info.get("step_sizes") or {}).items()},
                 loss=str(info.get("loss", "infonce")),
                 meta=dict(info.get("meta") or {}),
+                factors=factors,
             )
         problem = pairs.inconsistency(info.get("pairs"))
         if problem:
