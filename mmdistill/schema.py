@@ -447,6 +447,7 @@ COVMATCH = {
     "method.real_stats": Choice("auto", "batch", "full"),
     "method.init": Choice("random", "herding", "kcenter"),
     "method.rank": Int(0),
+    "method.within": Float(0),
     "method.reset_every": COUNT,
     "method.reset_to": Choice("fresh", "initial"),
     "method.proj_dim": COUNT,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +32,7 @@ from mmdistill.methods.covmatch import (
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import TextTrunk
 from mmdistill.runs import Run
+from mmdistill.training.cost import set_cost
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.protocol import run_protocol
 
@@ -234,7 +236,7 @@ def test_coreset_init_starts_from_that_coreset(tmp_path: Path, init: str) -> Non
     ctx, _ = context(tmp_path, cfg, 10)
     feats = joint_features(ctx)
     gen = torch.Generator().manual_seed(0)
-    syn = CovMatch(cfg.method)._init_synthetic(ctx, gen)
+    syn = CovMatch(cfg.method)._init_synthetic(ctx, gen, 10)
     first = int(torch.randint(len(feats), (1,), generator=torch.Generator().manual_seed(0)))
     want = herding(feats, 10) if init == "herding" else kcenter(feats, 10, first)
     assert torch.equal(syn["source"], want)
@@ -243,7 +245,7 @@ def test_coreset_init_starts_from_that_coreset(tmp_path: Path, init: str) -> Non
     assert torch.equal(syn["texts"], train.texts[want].float())
     # Robust mode's clean pool: the same coreset, taken among the pool's pairs.
     pool = torch.arange(0, train.n_pairs, 2)
-    in_pool = CovMatch(cfg.method)._init_synthetic(ctx, torch.Generator().manual_seed(0), pool)
+    in_pool = CovMatch(cfg.method)._init_synthetic(ctx, torch.Generator().manual_seed(0), 10, pool)
     sub = feats[pool]
     first = int(torch.randint(len(sub), (1,), generator=torch.Generator().manual_seed(0)))
     picked = herding(sub, 10) if init == "herding" else kcenter(sub, 10, first)
@@ -251,11 +253,78 @@ def test_coreset_init_starts_from_that_coreset(tmp_path: Path, init: str) -> Non
     # The default stays the paper's random real pairs.
     plain = compose_cfg(*SMALL, *FROZEN)
     assert plain.method.init == "random"
-    rand = CovMatch(plain.method)._init_synthetic(ctx, torch.Generator().manual_seed(0))
+    rand = CovMatch(plain.method)._init_synthetic(ctx, torch.Generator().manual_seed(0), 10)
     assert torch.equal(
         rand["source"],
         torch.randperm(train.n_pairs, generator=torch.Generator().manual_seed(0))[:10],
     )
+
+
+# --------------------------------------------------------------------------- low rank
+
+
+def test_factored_pairs_fill_the_bytes_of_the_budget() -> None:
+    # lite0_minilm: (100 - 56 - 1) x (1280 + 384) / 112 = 638.9 pairs of rank 56.
+    assert covmatch_module.factored_pairs(100, 56, (1280, 384)) == 638
+    for budget, rank, dims in [(100, 56, (1280, 384)), (12, 2, (32, 20)), (50, 7, (9, 300))]:
+        n = covmatch_module.factored_pairs(budget, rank, dims)
+        stored = rank * sum(dims) + sum(dims) + n * 2 * rank  # bases, offsets, coefficients
+        assert stored <= budget * sum(dims) < stored + 2 * rank
+
+
+def test_lowrank_set_lies_in_the_cross_covariance_subspace_and_fits_the_budget(
+    tmp_path: Path,
+) -> None:
+    cfg = compose_cfg(*SMALL, *FROZEN, *SHORT, "method=covmatch_lowrank", "method.rank=2")
+    ctx, _ = context(tmp_path, cfg, 12)
+    pairs = CovMatch(cfg.method).distill(ctx)
+    dims = (ctx.train.images.shape[1], ctx.train.texts.shape[1])
+    assert len(pairs) == covmatch_module.factored_pairs(12, 2, dims) > 12
+    cost = set_cost(pairs)
+    assert cost["pairs_equiv"] <= 12 and pairs.meta["rank"] == 2
+    # The bases are the top singular directions of the real cross-covariance, the offsets the
+    # real means, and every synthetic row is offset + its coefficients on the basis.
+    v = ctx.train.images[ctx.train.caption_image].float()
+    t = ctx.train.texts.float()
+    u, _, vh = torch.linalg.svd(cross_covariance(v, t))
+    for key, real, top in (("images", v, u[:, :2].T), ("texts", t, vh[:2])):
+        f = pairs.factors[key]
+        torch.testing.assert_close(f.basis @ f.basis.T, torch.eye(2))
+        torch.testing.assert_close((f.basis @ top.T).abs(), torch.eye(2), atol=1e-4, rtol=0)
+        torch.testing.assert_close(f.offset, real.mean(0))
+        assert torch.equal(getattr(pairs, key), f.decode())
+    # Saved as factors (the bytes the cost counts), read back to the same pairs.
+    pairs.save(tmp_path / "set")
+    loaded = PairSet.load(tmp_path / "set")
+    assert sorted(loaded.factors) == ["images", "texts"]
+    assert torch.equal(loaded.images, pairs.images) and torch.equal(loaded.texts, pairs.texts)
+    assert set_cost(loaded)["bytes"] == cost["bytes"]
+    # A set whose images were replaced (a transfer) no longer decodes from them: stored plainly.
+    moved = replace(loaded, images=loaded.images + 1)
+    assert sorted(moved.stored_factors()) == ["texts"]
+    moved.save(tmp_path / "moved")
+    assert torch.equal(PairSet.load(tmp_path / "moved").images, moved.images)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["method.rank=11"], "leaves room for 0 pairs in the bytes of 12; lower method.rank"),
+        (["method.rank=2", "method.real_stats=batch"], "set method.rank=0"),
+    ],
+)
+def test_bad_rank_is_one_user_error(tmp_path: Path, overrides: list[str], match: str) -> None:
+    cfg = compose_cfg(*SMALL, *FROZEN, *SHORT, "method=covmatch_lowrank", *overrides)
+    ctx, _ = context(tmp_path, cfg, 12)
+    with pytest.raises(UserError, match=match):
+        CovMatch(cfg.method).distill(ctx)
+
+
+def test_lowrank_needs_frozen_trunks(tmp_path: Path) -> None:
+    cfg = compose_cfg(*SMALL, *SHORT, "method=covmatch_lowrank", "method.rank=2")
+    ctx, _ = context(tmp_path, cfg, 12)
+    with pytest.raises(UserError, match="trains a trunk"):
+        CovMatch(cfg.method).distill(ctx)
 
 
 # --------------------------------------------------------------------------- robust mode

@@ -321,6 +321,11 @@ class CovMatch:
                 "lower method.robust.threshold or set method.robust.clean_init=false"
             )
         cand = torch.arange(train.n_pairs) if pool is None else pool
+        if len(cand) < n:
+            raise UserError(
+                f"{n} synthetic pairs to start from {len(cand)} real ones; lower budget.pairs "
+                "(a factorised set: raise method.rank, which fits fewer pairs)"
+            )
         init = str(self.cfg.get("init", "random"))
         if init == "random":
             idx = cand[torch.randperm(len(cand), generator=gen)[:n]]
@@ -404,6 +409,42 @@ class CovMatch:
             return cov, (mv, mt)
         return cross_covariance(v, t), (v.mean(0, keepdim=True), t.mean(0, keepdim=True))
 
+    def _within_targets(
+        self,
+        ctx: DistillContext,
+        weights: PairWeights | None,
+        factors: tuple[Factor, Factor] | None,
+    ) -> tuple[Tensor, Tensor] | None:
+        """The real within-modality covariances C_vv and C_tt (weighted in robust mode), in the
+        space the synthetic rows live in: features, or a factorised set's coefficients (B C B^T,
+        where a set of more rows than the rank can match them exactly). None when `within` is 0.
+
+        CovMatch's linearised loss sees only C_vt; the contrastive loss's normaliser is
+        quadratic in the projected features, so at second order the students also see these.
+        """
+        if float(self.cfg.get("within", 0.0)) == 0.0:
+            return None
+        frozen = ctx.encoder.image_space == "feature" and ctx.encoder.text_space == "feature"
+        if not frozen or str(self.cfg.real_stats) == "batch":
+            raise UserError(
+                f"method.within={self.cfg.within} matches the real within-modality covariances "
+                f"of frozen-trunk features, but encoder {ctx.encoder.name} trains a trunk or "
+                "method.real_stats=batch; set method.within=0"
+            )
+        train = ctx.train
+        out = []
+        for i, x in enumerate((train.images[train.caption_image], train.texts)):
+            x = x.float().to(ctx.device)
+            if weights is None:
+                cov = cross_covariance(x, x)
+            else:
+                cov = weighted_statistics(x, x, weights.weight.to(ctx.device))[0]
+            if factors is not None:
+                basis = factors[i].basis.to(ctx.device)
+                cov = basis @ cov @ basis.T
+            out.append(cov)
+        return out[0], out[1]
+
     # ------------------------------------------------------------------ main loop
 
     def distill(self, ctx: DistillContext) -> PairSet:
@@ -431,6 +472,8 @@ class CovMatch:
             factors = subspace(real_cov.cpu(), (real_means[0].cpu(), real_means[1].cpu()), rank)
             log.info("covmatch: %d pairs of rank %d in the bytes of %d", n_syn, rank, ctx.pairs)
         self.factors = factors  # partial sets read back from checkpoints decode with them
+        within = float(self.cfg.get("within", 0.0))
+        within_targets = self._within_targets(ctx, weights, factors)
         syn = self._init_synthetic(ctx, gen, n_syn, pool if self.robust.clean_init else None)
         if factors is not None:
             for key, f in zip(("images", "texts"), factors, strict=True):
@@ -547,6 +590,14 @@ class CovMatch:
             loss, parts = covmatch_loss(
                 feats_real, feats_syn, (student.image_head, student.text_head), rho, lam, real_cov
             )
+            if within_targets is not None:
+                rows = (images[sidx], texts[sidx])
+                auto = sum(
+                    (rho * target - cross_covariance(x, x)).pow(2).sum()
+                    for target, x in zip(within_targets, rows, strict=True)
+                )
+                loss = loss + within * auto
+                parts["within"] = auto.detach()
             grads = torch.autograd.grad(loss, [images, texts])
             check.watch(step, loss, *grads)
             images.grad, texts.grad = grads
@@ -597,6 +648,7 @@ class CovMatch:
             meta={
                 "method": "covmatch",
                 "rank": rank or None,
+                "within": within,
                 "rho": rho,
                 "lambda": lam,
                 "steps": steps,
