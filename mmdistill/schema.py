@@ -228,6 +228,15 @@ def _by_budget(key: str, value: Any) -> None:
             check_value(f"{key}.{budget}.{name}", rule, row[name])
 
 
+def _rank_by_budget(key: str, value: Any) -> None:
+    """Low-rank CovMatch's rank per budget: {pairs: rank}."""
+    if not isinstance(value, Mapping) or not value:
+        raise UserError(f"{key} must map budgets (pairs) to ranks, e.g. {{100: 56}}")
+    for budget, rank in value.items():
+        check_value(f"{key} budget", COUNT, budget)
+        check_value(f"{key}.{budget}", COUNT, rank)
+
+
 # ----------------------------------------------------------------------------------- rules
 
 COMMON = {
@@ -446,7 +455,8 @@ COVMATCH = {
     "method.real_batch": Int(2),
     "method.real_stats": Choice("auto", "batch", "full"),
     "method.init": Choice("random", "herding", "kcenter"),
-    "method.rank": Int(0),
+    "method.rank": Int(0, words=("auto",)),
+    "method.rank_by_budget": Rule("custom", custom=_rank_by_budget, optional=True),
     "method.within": Float(0),
     "method.reset_every": COUNT,
     "method.reset_to": Choice("fresh", "initial"),

@@ -306,6 +306,14 @@ def test_lowrank_set_lies_in_the_cross_covariance_subspace_and_fits_the_budget(
     assert torch.equal(PairSet.load(tmp_path / "moved").images, moved.images)
 
 
+def test_rank_auto_reads_the_row_of_the_budget(tmp_path: Path) -> None:
+    cfg = compose_cfg(*SMALL, *FROZEN, "method=covmatch_lowrank")
+    assert cfg.method.rank == "auto" and dict(cfg.method.rank_by_budget)[100] == 56
+    cfg.method.rank_by_budget = {5: 1, 10: 2, 100: 56}
+    ctx, _ = context(tmp_path, cfg, 12)
+    assert CovMatch(cfg.method)._rank(ctx, frozen=True) == 2
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [

@@ -363,7 +363,14 @@ class CovMatch:
 
     def _rank(self, ctx: DistillContext, frozen: bool) -> int:
         """`method.rank`, checked: 0 (plain pairs) or a factorised set's rank."""
-        rank = int(self.cfg.get("rank", 0))
+        rank = self.cfg.get("rank", 0)
+        if str(rank) == "auto":
+            table = {int(k): int(v) for k, v in (self.cfg.get("rank_by_budget") or {}).items()}
+            if not table:
+                raise UserError("method.rank=auto reads method.rank_by_budget; give a number")
+            below = [k for k in table if k <= ctx.pairs]
+            rank = table[max(below) if below else min(table)]
+        rank = int(rank)
         if rank == 0:
             return 0
         if not frozen or str(self.cfg.real_stats) == "batch":
