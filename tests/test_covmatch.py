@@ -311,7 +311,7 @@ def test_rank_auto_reads_the_row_of_the_budget(tmp_path: Path) -> None:
     assert cfg.method.rank == "auto" and dict(cfg.method.rank_by_budget)[100] == 56
     cfg.method.rank_by_budget = {5: 1, 10: 2, 100: 56}
     ctx, _ = context(tmp_path, cfg, 12)
-    assert CovMatch(cfg.method)._rank(ctx, frozen=True) == 2
+    assert CovMatch(cfg.method)._rank(ctx) == 2
 
 
 @pytest.mark.parametrize(

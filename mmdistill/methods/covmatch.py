@@ -205,15 +205,28 @@ def subspace(real_cov: Tensor, means: tuple[Tensor, Tensor], rank: int) -> tuple
     )
 
 
+def with_rows(factors: tuple[Factor, Factor], images: Tensor, texts: Tensor) -> dict[str, Factor]:
+    """A factorised set's stored factors: these coefficient rows on `factors`' bases."""
+    return {
+        key: Factor(rows, f.basis, f.offset)
+        for key, f, rows in zip(("images", "texts"), factors, (images, texts), strict=True)
+    }
+
+
+def budget_row(table: dict[int, Any], pairs: int) -> Any:
+    """The row of a per-budget table for the largest key <= `pairs` (the smallest key below
+    all of them)."""
+    below = [k for k in table if k <= pairs]
+    return table[max(below) if below else min(table)]
+
+
 def budget_settings(cfg: DictConfig, pairs: int) -> dict[str, object]:
     """rho, lambda, steps and syn_batch: explicit values win, `auto` reads `by_budget`.
 
     The table row is the largest budget key <= `pairs` (the smallest key below all of them),
     so the paper's 100/200/500 settings also cover budgets in between.
     """
-    table = {int(k): v for k, v in cfg.by_budget.items()}
-    below = [k for k in table if k <= pairs]
-    row = table[max(below) if below else min(table)]
+    row = budget_row({int(k): v for k, v in cfg.by_budget.items()}, pairs)
     return {k: row[k] if str(cfg[k]) == "auto" else cfg[k] for k in PER_BUDGET}
 
 
@@ -361,24 +374,28 @@ class CovMatch:
             hint=f"lower method.online.lr (now {self.cfg.online.lr})",
         )
 
-    def _rank(self, ctx: DistillContext, frozen: bool) -> int:
+    def _need_full_statistics(self, ctx: DistillContext, setting: str) -> None:
+        """`rank` and `within` read statistics of all real pairs, which only frozen trunks fix."""
+        frozen = ctx.encoder.image_space == "feature" and ctx.encoder.text_space == "feature"
+        if not frozen or str(self.cfg.real_stats) == "batch":
+            key = setting.split("=")[0]
+            raise UserError(
+                f"{setting} needs fixed frozen-trunk features, but encoder {ctx.encoder.name} "
+                f"trains a trunk or method.real_stats=batch; set {key}=0"
+            )
+
+    def _rank(self, ctx: DistillContext) -> int:
         """`method.rank`, checked: 0 (plain pairs) or a factorised set's rank."""
         rank = self.cfg.get("rank", 0)
         if str(rank) == "auto":
             table = {int(k): int(v) for k, v in (self.cfg.get("rank_by_budget") or {}).items()}
             if not table:
                 raise UserError("method.rank=auto reads method.rank_by_budget; give a number")
-            below = [k for k in table if k <= ctx.pairs]
-            rank = table[max(below) if below else min(table)]
+            rank = budget_row(table, ctx.pairs)
         rank = int(rank)
         if rank == 0:
             return 0
-        if not frozen or str(self.cfg.real_stats) == "batch":
-            raise UserError(
-                f"method.rank={rank} factorises frozen-trunk features along the real "
-                f"cross-covariance, but encoder {ctx.encoder.name} trains a trunk or "
-                "method.real_stats=batch; set method.rank=0"
-            )
+        self._need_full_statistics(ctx, f"method.rank={rank}")
         dims = (ctx.train.images.shape[1], ctx.train.texts.shape[1])
         n = factored_pairs(ctx.pairs, rank, dims)
         if rank > min(dims) or n < 2:
@@ -431,13 +448,7 @@ class CovMatch:
         """
         if float(self.cfg.get("within", 0.0)) == 0.0:
             return None
-        frozen = ctx.encoder.image_space == "feature" and ctx.encoder.text_space == "feature"
-        if not frozen or str(self.cfg.real_stats) == "batch":
-            raise UserError(
-                f"method.within={self.cfg.within} matches the real within-modality covariances "
-                f"of frozen-trunk features, but encoder {ctx.encoder.name} trains a trunk or "
-                "method.real_stats=batch; set method.within=0"
-            )
+        self._need_full_statistics(ctx, f"method.within={self.cfg.within}")
         train = ctx.train
         out = []
         for i, x in enumerate((train.images[train.caption_image], train.texts)):
@@ -456,7 +467,7 @@ class CovMatch:
 
     def distill(self, ctx: DistillContext) -> PairSet:
         frozen = ctx.encoder.image_space == "feature" and ctx.encoder.text_space == "feature"
-        rank = self._rank(ctx, frozen)
+        rank = self._rank(ctx)
         dims = (ctx.train.images.shape[1], ctx.train.texts.shape[1])
         n_syn = factored_pairs(ctx.pairs, rank, dims) if rank else ctx.pairs
         s = self.settings(n_syn, feature_space=frozen)
@@ -641,10 +652,7 @@ class CovMatch:
         mask = None if mask is None else mask.cpu()
         stored: dict[str, Factor] = {}
         if factors is not None:
-            stored = {
-                "images": Factor(images, factors[0].basis, factors[0].offset),
-                "texts": Factor(texts, factors[1].basis, factors[1].offset),
-            }
+            stored = with_rows(factors, images, texts)
             images, texts = stored["images"].decode(), stored["texts"].decode()
         nearest = nearest_captions(ctx.encoder, ctx.train, texts, mask, ctx.device)
         return PairSet(
@@ -684,10 +692,7 @@ class CovMatch:
         tensors, state = saved
         stored = {}
         if self.factors is not None:
-            stored = {
-                key: Factor(tensors[key], f.basis, f.offset)
-                for key, f in zip(("images", "texts"), self.factors, strict=True)
-            }
+            stored = with_rows(self.factors, tensors["images"], tensors["texts"])
         pairs = PairSet(
             images=stored["images"].decode() if stored else tensors["images"],
             texts=stored["texts"].decode() if stored else tensors["texts"],
