@@ -458,6 +458,7 @@ COVMATCH = {
     "method.rank": Int(0, words=("auto",)),
     "method.rank_by_budget": Rule("custom", custom=_rank_by_budget, optional=True),
     "method.within": Float(0),
+    "method.bits": Int(8, 32),  # 32 or 8; the method names the two
     "method.reset_every": COUNT,
     "method.reset_to": Choice("fresh", "initial"),
     "method.proj_dim": COUNT,

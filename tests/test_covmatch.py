@@ -33,7 +33,7 @@ from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import TextTrunk
 from mmdistill.runs import Run
 from mmdistill.training.cost import set_cost
-from mmdistill.training.pairs import PairSet
+from mmdistill.training.pairs import PairSet, int8_rows
 from mmdistill.training.protocol import run_protocol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,6 +332,58 @@ def test_lowrank_needs_frozen_trunks(tmp_path: Path) -> None:
     cfg = compose_cfg(*SMALL, *SHORT, "method=covmatch_lowrank", "method.rank=2")
     ctx, _ = context(tmp_path, cfg, 12)
     with pytest.raises(UserError, match="trains a trunk"):
+        CovMatch(cfg.method).distill(ctx)
+
+
+# --------------------------------------------------------------------------- int8 rows
+
+
+def test_int8_pairs_fill_the_bytes_of_the_budget() -> None:
+    # lite0_minilm: 99 x 6,656 bytes (the float32 offsets take one pair) / (1,664 + 8) = 394.
+    assert covmatch_module.factored_pairs(100, 0, (1280, 384), bits=8) == 394
+    for budget, rank, dims in [(100, 0, (1280, 384)), (100, 56, (1280, 384)), (12, 2, (32, 20))]:
+        n = covmatch_module.factored_pairs(budget, rank, dims, bits=8)
+        row = 2 * rank if rank else sum(dims)
+        stored = 4 * (rank + 1) * sum(dims) + n * (row + 8)  # bases, offsets, codes, scales
+        assert stored <= 4 * budget * sum(dims) < stored + row + 8
+
+
+def test_int8_rows_are_within_half_a_step() -> None:
+    x = torch.randn(30, 17, generator=torch.Generator().manual_seed(0)) * 3
+    codes, scale = int8_rows(x)
+    assert codes.dtype == torch.int8 and scale.shape == (30, 1)
+    assert ((codes.float() * scale - x).abs() <= scale / 2 * (1 + 1e-5)).all()
+    assert int8_rows(torch.zeros(2, 3))[0].abs().sum() == 0  # a zero row stays finite
+
+
+@pytest.mark.parametrize("method", ["covmatch", "covmatch_lowrank"])
+def test_int8_set_fits_the_budget_and_saves_as_codes(tmp_path: Path, method: str) -> None:
+    rank = ["method.rank=8"] if method == "covmatch_lowrank" else []
+    cfg = compose_cfg(*SMALL, *FROZEN, *SHORT, f"method={method}", "method.bits=8", *rank)
+    ctx, _ = context(tmp_path, cfg, 12)
+    pairs = CovMatch(cfg.method).distill(ctx)
+    dims = (ctx.train.images.shape[1], ctx.train.texts.shape[1])
+    assert len(pairs) == covmatch_module.factored_pairs(12, 8 if rank else 0, dims, 8) > 12
+    cost = set_cost(pairs)
+    assert cost["pairs_equiv"] <= 12 and pairs.meta["bits"] == 8
+    for key in ("images", "texts"):
+        f = pairs.factors[key]
+        assert f.coef.dtype == torch.int8 and torch.equal(getattr(pairs, key), f.decode())
+    pairs.save(tmp_path / "set")
+    loaded = PairSet.load(tmp_path / "set")
+    assert torch.equal(loaded.images, pairs.images) and torch.equal(loaded.texts, pairs.texts)
+    assert loaded.factors["images"].coef.dtype == torch.int8
+    assert set_cost(loaded)["bytes"] == cost["bytes"]
+
+
+def test_bad_bits_is_one_user_error(tmp_path: Path) -> None:
+    cfg = compose_cfg(*SMALL, *FROZEN, *SHORT, "method.bits=16")
+    ctx, _ = context(tmp_path, cfg, 12)
+    with pytest.raises(UserError, match="method.bits=16: choose one of 32, 8"):
+        CovMatch(cfg.method).distill(ctx)
+    cfg = compose_cfg(*SMALL, *SHORT, "method.bits=8")
+    ctx, _ = context(tmp_path, cfg, 12)
+    with pytest.raises(UserError, match="set method.bits=32"):
         CovMatch(cfg.method).distill(ctx)
 
 

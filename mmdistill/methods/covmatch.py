@@ -55,7 +55,7 @@ from mmdistill.methods.mdw_dual_track import (
 from mmdistill.models.encoders import Encoder, Tokens
 from mmdistill.models.student import is_text_features
 from mmdistill.training.features import RealSplit
-from mmdistill.training.pairs import Factor, PairSet
+from mmdistill.training.pairs import Factor, PairSet, int8_rows
 from mmdistill.training.trainer import (
     Batches,
     FiniteCheck,
@@ -74,6 +74,7 @@ INITS: dict[str, Callable[[Tensor, int, torch.Generator], Tensor]] = {
 }
 CHECKPOINT = "covmatch"
 RESETS = ("fresh", "initial")
+BITS = (32, 8)
 PER_BUDGET = ("rho", "lambda", "steps", "syn_batch")
 WEIGHTINGS = ("soft", "hard")
 LOW_CLEAN_FRACTION = 0.05
@@ -188,10 +189,19 @@ def covmatch_loss(
     return cov + lam * mean, {"cov": cov.detach(), "mean": mean.detach()}
 
 
-def factored_pairs(budget: int, rank: int, dims: tuple[int, int]) -> int:
-    """How many pairs of rank-`rank` coefficients fit in the bytes of `budget` plain pairs
-    beside the two bases `[rank, D]` and offsets `[D]`: (budget - rank - 1) (D_v + D_t) / 2 rank."""
-    return (budget - rank - 1) * sum(dims) // (2 * rank)
+def factored_pairs(budget: int, rank: int, dims: tuple[int, int], bits: int = 32) -> int:
+    """How many pairs fit in the bytes of `budget` plain float32 pairs.
+
+    Rank k > 0: rank-k coefficients beside the two bases `[k, D]` and offsets `[D]`, so
+    (budget - k - 1) (D_v + D_t) / 2k pairs in float32. Rank 0 stores feature rows. With 8
+    bits the rows (or coefficients) are int8 codes plus a float32 scale per row and modality,
+    beside float32 offsets.
+    """
+    width = 2 * rank if rank else sum(dims)
+    if bits == 32:
+        return (budget - rank - 1) * sum(dims) // width if rank else budget
+    fixed = (rank + 1) * sum(dims) * 4
+    return (budget * sum(dims) * 4 - fixed) // (width + 2 * 4)
 
 
 def subspace(real_cov: Tensor, means: tuple[Tensor, Tensor], rank: int) -> tuple[Factor, Factor]:
@@ -205,12 +215,19 @@ def subspace(real_cov: Tensor, means: tuple[Tensor, Tensor], rank: int) -> tuple
     )
 
 
-def with_rows(factors: tuple[Factor, Factor], images: Tensor, texts: Tensor) -> dict[str, Factor]:
-    """A factorised set's stored factors: these coefficient rows on `factors`' bases."""
-    return {
-        key: Factor(rows, f.basis, f.offset)
-        for key, f, rows in zip(("images", "texts"), factors, (images, texts), strict=True)
-    }
+def with_rows(
+    factors: tuple[Factor, Factor], images: Tensor, texts: Tensor, bits: int = 32
+) -> dict[str, Factor]:
+    """A stored set's factors: these rows (coefficients on `factors`' bases, or features
+    without a basis, stored less the offset), as int8 codes with 8 bits."""
+    out = {}
+    for key, f, rows in zip(("images", "texts"), factors, (images, texts), strict=True):
+        coef = rows if f.basis is not None else rows - f.offset
+        scale = None
+        if bits == 8:
+            coef, scale = int8_rows(coef)
+        out[key] = Factor(coef, f.basis, f.offset, scale)
+    return out
 
 
 def budget_row(table: dict[int, Any], pairs: int) -> Any:
@@ -248,7 +265,8 @@ class CovMatch:
             raise UserError(f"method.real_batch={cfg.real_batch}: a covariance needs at least 2")
         self.cfg = cfg
         self.robust = RobustSettings.from_cfg(cfg.get("robust"))
-        self.factors: tuple[Factor, Factor] | None = None
+        self.stored: tuple[Factor, Factor] | None = None
+        self.bits = 32
 
     def pair_weights(self, ctx: DistillContext) -> PairWeights:
         """Clean probabilities from dual-track detection (cached), the mean of both tracks'."""
@@ -337,7 +355,8 @@ class CovMatch:
         if len(cand) < n:
             raise UserError(
                 f"{n} synthetic pairs to start from {len(cand)} real ones; lower budget.pairs "
-                "(a factorised set: raise method.rank, which fits fewer pairs)"
+                "(a factorised or int8 set: raise method.rank or set method.bits=32, which "
+                "fit fewer pairs)"
             )
         init = str(self.cfg.get("init", "random"))
         if init == "random":
@@ -374,17 +393,27 @@ class CovMatch:
             hint=f"lower method.online.lr (now {self.cfg.online.lr})",
         )
 
-    def _need_full_statistics(self, ctx: DistillContext, setting: str) -> None:
-        """`rank` and `within` read statistics of all real pairs, which only frozen trunks fix."""
+    def _need_full_statistics(self, ctx: DistillContext, setting: str, off: str = "0") -> None:
+        """`rank`, `bits` and `within` read statistics of all real pairs, which only frozen
+        trunks fix; `off` is the value that turns the setting off."""
         frozen = ctx.encoder.image_space == "feature" and ctx.encoder.text_space == "feature"
         if not frozen or str(self.cfg.real_stats) == "batch":
             key = setting.split("=")[0]
             raise UserError(
                 f"{setting} needs fixed frozen-trunk features, but encoder {ctx.encoder.name} "
-                f"trains a trunk or method.real_stats=batch; set {key}=0"
+                f"trains a trunk or method.real_stats=batch; set {key}={off}"
             )
 
-    def _rank(self, ctx: DistillContext) -> int:
+    def _bits(self, ctx: DistillContext) -> int:
+        """`method.bits`, checked: 32 stores float32 rows, 8 int8 codes (frozen trunks only)."""
+        bits = int(self.cfg.get("bits", 32))
+        if bits not in BITS:
+            raise UserError(f"method.bits={bits}: choose one of {', '.join(map(str, BITS))}")
+        if bits != 32:
+            self._need_full_statistics(ctx, f"method.bits={bits}", off="32")
+        return bits
+
+    def _rank(self, ctx: DistillContext, bits: int = 32) -> int:
         """`method.rank`, checked: 0 (plain pairs) or a factorised set's rank."""
         rank = self.cfg.get("rank", 0)
         if str(rank) == "auto":
@@ -397,7 +426,7 @@ class CovMatch:
             return 0
         self._need_full_statistics(ctx, f"method.rank={rank}")
         dims = (ctx.train.images.shape[1], ctx.train.texts.shape[1])
-        n = factored_pairs(ctx.pairs, rank, dims)
+        n = factored_pairs(ctx.pairs, rank, dims, bits)
         if rank > min(dims) or n < 2:
             raise UserError(
                 f"method.rank={rank} leaves room for {max(n, 0)} pairs in the bytes of "
@@ -467,9 +496,10 @@ class CovMatch:
 
     def distill(self, ctx: DistillContext) -> PairSet:
         frozen = ctx.encoder.image_space == "feature" and ctx.encoder.text_space == "feature"
-        rank = self._rank(ctx)
+        bits = self._bits(ctx)
+        rank = self._rank(ctx, bits)
         dims = (ctx.train.images.shape[1], ctx.train.texts.shape[1])
-        n_syn = factored_pairs(ctx.pairs, rank, dims) if rank else ctx.pairs
+        n_syn = factored_pairs(ctx.pairs, rank, dims, bits)
         s = self.settings(n_syn, feature_space=frozen)
         rho, lam, steps = float(s["rho"]), float(s["lambda"]), int(s["steps"])
         syn_batch = int(s["syn_batch"])
@@ -484,12 +514,23 @@ class CovMatch:
         if weights is not None and self.robust.rescale_rho:
             rho *= weights.rho_scale
         real_cov, real_means = self._full_statistics(ctx, weights)
-        factors = None
-        if rank:
-            assert real_cov is not None and real_means is not None  # _rank checked real_stats
-            factors = subspace(real_cov.cpu(), (real_means[0].cpu(), real_means[1].cpu()), rank)
-            log.info("covmatch: %d pairs of rank %d in the bytes of %d", n_syn, rank, ctx.pairs)
-        self.factors = factors  # partial sets read back from checkpoints decode with them
+        factors = None  # the subspace of a factorised set: its rows are coefficients
+        stored: tuple[Factor, Factor] | None = None  # how the rows are stored
+        if rank or bits != 32:
+            assert real_cov is not None and real_means is not None  # checked real_stats
+            means = (real_means[0].cpu().flatten(), real_means[1].cpu().flatten())
+            empty = torch.zeros(0, 0)
+            stored = (Factor(empty, None, means[0]), Factor(empty, None, means[1]))
+            if rank:
+                factors = stored = subspace(real_cov.cpu(), means, rank)
+            log.info(
+                "covmatch: %d pairs (rank %s, %d bits) in the bytes of %d",
+                n_syn,
+                rank or "full",
+                bits,
+                ctx.pairs,
+            )
+        self.stored, self.bits = stored, bits  # partial sets from checkpoints are stored so
         within = float(self.cfg.get("within", 0.0))
         within_targets = self._within_targets(ctx, weights, factors)
         syn = self._init_synthetic(ctx, gen, n_syn, pool if self.robust.clean_init else None)
@@ -650,19 +691,20 @@ class CovMatch:
 
         images, texts = images.detach().cpu(), texts.detach().cpu()
         mask = None if mask is None else mask.cpu()
-        stored: dict[str, Factor] = {}
-        if factors is not None:
-            stored = with_rows(factors, images, texts)
-            images, texts = stored["images"].decode(), stored["texts"].decode()
+        parts: dict[str, Factor] = {}
+        if stored is not None:
+            parts = with_rows(stored, images, texts, bits)
+            images, texts = parts["images"].decode(), parts["texts"].decode()
         nearest = nearest_captions(ctx.encoder, ctx.train, texts, mask, ctx.device)
         return PairSet(
             images=images,
             texts=texts,
             text_mask=mask,
-            factors=stored,
+            factors=parts,
             meta={
                 "method": "covmatch",
                 "rank": rank or None,
+                "bits": bits,
                 "within": within,
                 "rho": rho,
                 "lambda": lam,
@@ -691,8 +733,8 @@ class CovMatch:
         assert saved is not None  # distill() saves step 0 before the first update
         tensors, state = saved
         stored = {}
-        if self.factors is not None:
-            stored = with_rows(self.factors, tensors["images"], tensors["texts"])
+        if self.stored is not None:
+            stored = with_rows(self.stored, tensors["images"], tensors["texts"], self.bits)
         pairs = PairSet(
             images=stored["images"].decode() if stored else tensors["images"],
             texts=stored["texts"].decode() if stored else tensors["texts"],

@@ -5,8 +5,9 @@ frozen-trunk features `[N,D]`; texts are features `[N,D]`,
 token ids `[N,L]` or token embeddings `[N,L,E]` (with a mask). `image_index` lets many pairs
 share one stored image (the real training set has 5 captions per image). A learned target
 similarity (LoRS, MDW) and learned student step sizes travel with the set. A factorised set
-(`factors`) stores a modality as coefficients on a shared basis plus an offset, so it holds more
-pairs in the same bytes; it is decoded once on load, and students never see the difference.
+(`factors`) stores a modality as coefficients on a shared basis plus an offset, or as int8
+codes, so it holds more pairs in the same bytes; it is decoded once on load, and students never
+see the difference.
 """
 
 from __future__ import annotations
@@ -30,24 +31,42 @@ MODALITIES = ("images", "texts")
 @dataclass(frozen=True)
 class Factor:
     """One modality stored as `coef @ basis + offset`: coefficients `[N, k]` on a shared basis
-    `[k, D]`, plus an offset `[D]`."""
+    `[k, D]` plus an offset `[D]`. Without a basis the coefficients are the rows minus the
+    offset. With a `scale` `[N, 1]` the coefficients are int8 codes of `coef * scale`, a quarter
+    of the float32 bytes per row."""
 
     coef: Tensor
-    basis: Tensor
+    basis: Tensor | None
     offset: Tensor
+    scale: Tensor | None = None
 
     def decode(self) -> Tensor:
-        return torch.addmm(self.offset, self.coef, self.basis)
+        coef = self.coef if self.scale is None else self.coef.float() * self.scale
+        if self.basis is None:
+            return coef + self.offset
+        return torch.addmm(self.offset, coef, self.basis)
 
     def tensors(self, name: str) -> dict[str, Tensor]:
-        return {f"{name}.{k}": getattr(self, k) for k in ("coef", "basis", "offset")}
+        return {
+            f"{name}.{k}": getattr(self, k) for k in FACTOR_PARTS if getattr(self, k) is not None
+        }
 
     @classmethod
     def read(cls, tensors: dict[str, Tensor], name: str) -> Factor | None:
-        keys = [f"{name}.{k}" for k in ("coef", "basis", "offset")]
-        if not all(k in tensors for k in keys):
+        if f"{name}.coef" not in tensors or f"{name}.offset" not in tensors:
             return None
-        return cls(*(tensors[k] for k in keys))
+        return cls(*(tensors.get(f"{name}.{k}") for k in FACTOR_PARTS))
+
+
+FACTOR_PARTS = ("coef", "basis", "offset", "scale")
+
+
+def int8_rows(coef: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 codes and per-row scales of `coef` (zero-centred coefficients): every
+    entry within half a step (max |row| / 254) of its value."""
+    scale = coef.abs().amax(1, keepdim=True).clamp_min(torch.finfo(coef.dtype).tiny) / 127
+    codes = torch.round(coef / scale).clamp(-127, 127).to(torch.int8)
+    return codes, scale
 
 
 @dataclass
