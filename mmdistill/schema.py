@@ -29,7 +29,7 @@ LOSS_NAMES = ("infonce", "soft_infonce", "wbce")
 TRAJECTORY_METHODS = ("mtt", "mtt_lora", "tesla", "lors", "repblend", "mdw")
 # Methods that count a learned similarity as one pair of the budget, and CovMatch variants.
 SIMILARITY_IN_BUDGET = ("lors", "repblend")
-COVMATCH_METHODS = ("covmatch", "covmatch_robust", "covmatch_lowrank")
+COVMATCH_METHODS = ("covmatch", "covmatch_robust", "covmatch_lowrank", "covmatch_int8")
 # How `evaluate encoder=<other>` may resize distilled pixels (training/transfer.py).
 TRANSFER_RESIZE = ("bicubic", "bilinear")
 # Whether it keeps texts that both text trunks read alike (auto) or decodes them all.
@@ -490,6 +490,7 @@ METHODS: dict[str, dict[str, Rule]] = {
     "covmatch": COVMATCH,
     "covmatch_robust": COVMATCH,
     "covmatch_lowrank": COVMATCH,
+    "covmatch_int8": COVMATCH,
 }
 LOGGERS: dict[str, dict[str, Rule]] = {
     "none": {},

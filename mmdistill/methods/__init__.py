@@ -23,6 +23,7 @@ METHODS: Registry = Registry(
         "covmatch": CovMatch,
         "covmatch_robust": CovMatch,
         "covmatch_lowrank": CovMatch,
+        "covmatch_int8": CovMatch,
         "mdw": MDW,
     },
 )
