@@ -530,7 +530,7 @@ class CovMatch:
                 bits,
                 ctx.pairs,
             )
-        self.stored, self.bits = stored, bits  # partial sets from checkpoints are stored so
+        self.stored, self.bits = stored, bits  # _diverged stores a partial set the same way
         within = float(self.cfg.get("within", 0.0))
         within_targets = self._within_targets(ctx, weights, factors)
         syn = self._init_synthetic(ctx, gen, n_syn, pool if self.robust.clean_init else None)

@@ -32,8 +32,8 @@ MODALITIES = ("images", "texts")
 class Factor:
     """One modality stored as `coef @ basis + offset`: coefficients `[N, k]` on a shared basis
     `[k, D]` plus an offset `[D]`. Without a basis the coefficients are the rows minus the
-    offset. With a `scale` `[N, 1]` the coefficients are int8 codes of `coef * scale`, a quarter
-    of the float32 bytes per row."""
+    offset. With a `scale` `[N, 1]`, `coef` holds int8 codes and the coefficients are
+    `coef * scale`: a quarter of the float32 bytes per row."""
 
     coef: Tensor
     basis: Tensor | None
