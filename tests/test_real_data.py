@@ -144,14 +144,14 @@ def test_lowrank_covmatch_beats_covmatch_at_equal_storage(clean: Bench) -> None:
 
 def test_int8_covmatch_beats_covmatch_at_equal_storage(clean: Bench) -> None:
     """394 int8 pairs that also match the within-modality covariances, in the bytes of 100
-    float32 pairs, against plain CovMatch's 100 pairs, 1,000 steps each (the benchmark's rows:
-    docs/results.md, int8 rows)."""
+    float32 pairs, against plain CovMatch's 100 pairs: 500 steps against CovMatch's 1,000,
+    which the low-rank test shares (the benchmark's rows: docs/results.md, int8 rows)."""
     plain, _ = clean.score("covmatch", "method.steps=1000")
-    q, pairs = clean.score("covmatch_int8", "method.steps=1000")
+    q, pairs = clean.score("covmatch_int8", "method.steps=500")
     print(f"covmatch_int8 {q:.2f} ({len(pairs)} pairs) vs covmatch {plain:.2f}")
     assert set_cost(pairs)["pairs_equiv"] <= PAIRS and len(pairs) > 3 * PAIRS
     assert pairs.factors["images"].coef.dtype == torch.int8
-    assert q > plain + 1.5, (q, plain)  # measured 49.72 vs 46.72
+    assert q > plain + 1.5, (q, plain)  # measured 49.18 vs 46.72
 
 
 @pytest.mark.parametrize(
