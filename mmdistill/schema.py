@@ -237,6 +237,12 @@ def _rank_by_budget(key: str, value: Any) -> None:
         check_value(f"{key}.{budget}", COUNT, rank)
 
 
+def _bits(key: str, value: Any) -> None:
+    """CovMatch's storage precision of the synthetic rows: float32 or int8."""
+    if isinstance(value, bool) or value not in (32, 8):
+        raise UserError(f"{key}={_shown(value)} is not a valid choice; choose one of: 32, 8")
+
+
 # ----------------------------------------------------------------------------------- rules
 
 COMMON = {
@@ -458,7 +464,7 @@ COVMATCH = {
     "method.rank": Int(0, words=("auto",)),
     "method.rank_by_budget": Rule("custom", custom=_rank_by_budget, optional=True),
     "method.within": Float(0),
-    "method.bits": Int(8, 32),  # 32 or 8; the method names the two
+    "method.bits": Rule("custom", custom=_bits),
     "method.reset_every": COUNT,
     "method.reset_to": Choice("fresh", "initial"),
     "method.proj_dim": COUNT,

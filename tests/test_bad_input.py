@@ -170,6 +170,7 @@ BAD_VALUES = [
     (["method=mtt", "method.gradient=second_order"], "method.gradient='second_order'"),
     (["method=tesla", "method.init=zeros"], "method.init='zeros' is not a valid choice"),
     (["method=covmatch", "method.real_stats=some"], "method.real_stats='some'"),
+    (["method=covmatch_int8", "method.bits=4"], "method.bits=4 is not a valid choice; choose one"),
     (["method=kcenter", "method.start=middle"], "method.start='middle' is not a valid choice"),
     (["encoder.head.text=mlp"], "encoder.head.text='mlp' is not a valid choice"),
     (["method=nope"], "unknown method 'nope'; choose one of"),
