@@ -197,11 +197,10 @@ def factored_pairs(budget: int, rank: int, dims: tuple[int, int], bits: int = 32
     bits the rows (or coefficients) are int8 codes plus a float32 scale per row and modality,
     beside float32 offsets.
     """
-    width = 2 * rank if rank else sum(dims)
-    if bits == 32:
-        return (budget - rank - 1) * sum(dims) // width if rank else budget
-    fixed = (rank + 1) * sum(dims) * 4
-    return (budget * sum(dims) * 4 - fixed) // (width + 2 * 4)
+    row = 4 * sum(dims)  # bytes of one float32 pair, or of one basis row / offset per modality
+    shared = rank + 1 if rank else int(bits != 32)  # bases and offsets, in rows
+    per_pair = (2 * rank if rank else sum(dims)) * bits // 8 + (2 * 4 if bits != 32 else 0)
+    return (budget - shared) * row // per_pair
 
 
 def subspace(real_cov: Tensor, means: tuple[Tensor, Tensor], rank: int) -> tuple[Factor, Factor]:

@@ -26,6 +26,7 @@ from mmdistill.training.similarity import build_similarity
 
 FORMAT_VERSION = 1
 MODALITIES = ("images", "texts")
+FACTOR_PARTS = ("coef", "basis", "offset", "scale")
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,6 @@ class Factor:
         if f"{name}.coef" not in tensors or f"{name}.offset" not in tensors:
             return None
         return cls(*(tensors.get(f"{name}.{k}") for k in FACTOR_PARTS))
-
-
-FACTOR_PARTS = ("coef", "basis", "offset", "scale")
 
 
 def int8_rows(coef: Tensor) -> tuple[Tensor, Tensor]:
