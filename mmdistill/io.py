@@ -128,18 +128,28 @@ def remove_stale_partials(folder: Path, recursive: bool = False) -> int:
 @contextlib.contextmanager
 def entry_lock(path: Path) -> Iterator[None]:
     """Hold the lock of one shared cache entry (`.<name>.lock` beside it) while it is built, so
-    two runs building the same entry do the work once: the second waits, then finds it."""
+    two runs building the same entry do the work once: the second waits, then finds it. The
+    lock file goes when released; a waiter that got the lock of a removed file tries again."""
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise fs_fault(lock, err) or err from None
-    try:
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise fs_fault(lock, err) or err from None
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break  # still the file at that name: the lock is ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
         os.close(fd)
 
 

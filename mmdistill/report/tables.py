@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from mmdistill.errors import UserError
 from mmdistill.methods import METHODS
+from mmdistill.runs import check_folders
 from mmdistill.training import cost
 
 METRICS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
@@ -222,10 +223,13 @@ def _read_result(path: Path) -> Result:
     students = data.get("students")
     if not isinstance(students, list) or not students:
         raise ValueError("no per-student recalls ('students' missing or empty)")
-    for s in students:
+    for k, s in enumerate(students):
         bad = [m for m in METRICS if not isinstance(s, dict) or not _is_number(s.get(m))]
         if bad:
             raise ValueError(f"a student lacks numeric {', '.join(bad)}")
+        wrong = [f"{m}={s[m]}" for m in METRICS if not 0 <= s[m] <= 100]
+        if wrong:
+            raise ValueError(f"student {k} has recalls outside [0, 100] ({', '.join(wrong)})")
     for key in ("verb", "method", "pairs", "dataset", "encoder"):
         if key not in data:
             raise ValueError(f"'{key}' missing")
@@ -313,9 +317,12 @@ def collect(folders: list[Path]) -> tuple[list[Result], list[str]]:
                 problems.append(f"skipped {path}: {err}")
     if not results:
         where = ", ".join(str(f) for f in folders)
+        why = [p for p in problems if p.startswith("skipped")]
+        more = f" (and {len(why) - 1} more)" if len(why) > 1 else ""
         raise UserError(
-            f"no readable results.json under {where}; point at sweep or run folders of "
-            "finished `mmdistill distill` / `train` runs"
+            f"no readable results.json under {where}"
+            + (f": {why[0]}{more}" if why else "")
+            + "; point at sweep or run folders of finished `mmdistill distill` / `train` runs"
         )
     return results, problems
 
@@ -334,15 +341,15 @@ def method_rank(method: str) -> tuple[int, str]:
 def build(
     results: list[Result], problems: list[str] | None = None, columns: tuple[str, ...] = METRICS
 ) -> Table:
-    """Group results into rows x budgets, drop duplicate seeds, name the switches that vary."""
+    """Group results into rows x budgets (a seed twice is refused), name the switches that vary."""
     warnings = list(problems or [])
     by_seed: dict[tuple, Result] = {}
     for r in sorted(results, key=lambda r: r.mtime):
         key = (r.row, r.budget, r.seed)
-        if key in by_seed:
-            warnings.append(
-                f"warning: {r.path} repeats {r.method} seed {r.seed} of {by_seed[key].path}; "
-                "using the newer"
+        if key in by_seed:  # which one counts is not ours to guess
+            raise UserError(
+                f"{r.path} repeats {r.method} seed {r.seed} of {by_seed[key].path} (same "
+                "settings and budget); move one of them out of the folders tabled"
             )
         by_seed[key] = r
     commits = sorted({r.commit for r in by_seed.values() if r.commit})
@@ -762,6 +769,7 @@ def print_rich(table: Table) -> None:
 def write(table: Table, out: Path) -> list[Path]:
     from mmdistill import io
 
+    check_folders({"--out": out})
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "table.md", out / "table.csv", out / "table.tex", out / "recall_vs_pairs.png"]
     io.write_text(files[0], markdown(table))
