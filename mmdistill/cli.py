@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.getLogger("root").setLevel(logging.ERROR)
     try:
-        with _signals_stop():
+        with _signals_stop(verb):
             if verb in JOB_VERBS:
                 _run_job_verb(verb, args)
             elif verb in FOLDER_VERBS:
@@ -250,12 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (runs.Interrupted, KeyboardInterrupt) as stop:  # outside a job's run folder
-        _ignore_signals()
-        io.remove_partials()
-        signum = getattr(stop, "signum", signal.SIGINT)
-        print(f"interrupted during `{verb}`; partial files removed, run it again", file=sys.stderr)
-        sys.exit(128 + signum)
 
 
 _MAIN_PID = os.getpid()
@@ -277,9 +271,10 @@ def _ignore_signals() -> None:
 
 
 @contextlib.contextmanager
-def _signals_stop() -> Iterator[None]:
+def _signals_stop(verb: str) -> Iterator[None]:
     """SIGINT and SIGTERM raise `runs.Interrupted` in this process for the command's length
-    (the previous handlers come back after it, for callers such as tests)."""
+    (the previous handlers come back after it, for callers such as tests); outside a job's
+    run folder (folder verbs, composing the config) it ends the command in one line too."""
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -287,6 +282,11 @@ def _signals_stop() -> Iterator[None]:
         signal.signal(sig, _on_signal)
     try:
         yield
+    except (runs.Interrupted, KeyboardInterrupt) as stop:
+        _ignore_signals()
+        io.remove_partials()
+        print(f"interrupted during `{verb}`; partial files removed, run it again", file=sys.stderr)
+        sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

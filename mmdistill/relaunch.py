@@ -23,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,11 @@ def held(run_dir: Path) -> Iterator[None]:
                 f"{run_dir} is in use by another mmdistill process (pid {holder}); wait for it "
                 "to finish (or stop it), or give another hydra.run.dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            raise io.fs_fault(path, err) or err from None
         yield
     finally:
         os.close(fd)
@@ -207,3 +211,9 @@ class RunLogHandler(logging.FileHandler):
     def emit(self, record: logging.LogRecord) -> None:
         if not (self.folder / "done").is_file():
             super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """A log line the disk cannot take (full, read-only) is dropped, not printed as a
+        traceback: the job's own write reports the fault in one line."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)

@@ -221,7 +221,8 @@ def record_failure(run_dir: Path, message: str) -> None:
         except UserError:
             return
     info.update(status="failed", error=message)
-    io.write_json(meta, info)
+    with contextlib.suppress(UserError, OSError):  # a full disk must not hide the first error
+        io.write_json(meta, info)
 
 
 def record_interrupt(run_dir: Path, at: str, signum: int) -> None:
@@ -268,8 +269,6 @@ def check_folders(folders: dict[str, Path]) -> None:
             raise UserError(
                 f"{key}={folder}: {here} is a file, not a folder; point {key} at a folder"
             )
-        if not os.access(here, os.W_OK | os.X_OK):
-            raise UserError(f"{key}={folder}: {here} is not writable; point {key} elsewhere")
         try:
             with tempfile.TemporaryFile(dir=here):
                 pass
@@ -277,6 +276,8 @@ def check_folders(folders: dict[str, Path]) -> None:
             fault = io.fs_fault(here, err)
             why = str(fault) if fault else f"cannot write {here}: {err.strerror or err}"
             raise UserError(f"{key}={folder}: {why}") from None
+        if not os.access(here, os.W_OK | os.X_OK):  # a permission the probe did not need
+            raise UserError(f"{key}={folder}: {here} is not writable; point {key} elsewhere")
 
 
 def resource_peaks() -> dict[str, float | None]:
