@@ -127,7 +127,7 @@ def _job_app(verb: str) -> Callable[[], None]:
             if folder.state == "done":
                 console.print(f"already done, skipped: {run_dir}")
                 return
-            with relaunch.held(run_dir), _stops_cleanly(run_dir, multirun):
+            with relaunch.held(run_dir), _stops_cleanly(run_dir, multirun), _fs_faults(run_dir):
                 folder.accept(
                     cfg, HydraConfig.instance().cfg, say=logging.getLogger("mmdistill").info
                 )
@@ -176,6 +176,19 @@ def _stops_cleanly(run_dir: Path, multirun: bool) -> Iterator[None]:
         runs.record_interrupt(run_dir, at, stop.signum)
         print(f"interrupted at {at}; resume with resume={run_dir}", file=sys.stderr)
         sys.exit(128 + stop.signum)
+
+
+@contextlib.contextmanager
+def _fs_faults(where: Path | None = None) -> Iterator[None]:
+    """A full, read-only or forbidden disk met by any writer (metrics lines, plots) is one
+    line naming the path and its free space, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        fault = io.fs_fault(Path(err.filename or where or "."), err)
+        if fault is None:
+            raise
+        raise fault from None
 
 
 def _check_paths(args: list[str], configs: list, multirun: bool) -> None:
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.getLogger("root").setLevel(logging.ERROR)
     try:
-        with _signals_stop(verb):
+        with _signals_stop(verb), _fs_faults():
             if verb in JOB_VERBS:
                 _run_job_verb(verb, args)
             elif verb in FOLDER_VERBS:

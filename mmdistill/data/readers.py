@@ -293,22 +293,38 @@ def read_karpathy(cfg: DictConfig) -> ImageTextSet:
 # --------------------------------------------------------------------------- coco
 
 
+def _list(value: Any, what: str) -> list:
+    if not isinstance(value, list):
+        raise UserError(
+            f"{what} must be a list, not {type(value).__name__}; is this the right file?"
+        )
+    return value
+
+
+def _coco_id(value: Any, where: str) -> int | str:
+    """An image id: a number or a string, as COCO files hold them."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise UserError(f"{where} has image id {value!r}; ids are numbers or strings, fix that row")
+    return value
+
+
 def _read_coco_file(path: Path, key: str, max_captions: int | None) -> dict[str, list[str]]:
     """Captions per image file name from an official captions_*.json, sorted by file name.
 
     Images without any caption (e.g. image_info_test files) are left out.
     """
     data = _load_json(path, "COCO captions", key)
-    images = _field(data, "images", path.name)
-    annotations = _field(data, "annotations", path.name)
+    images = _list(_field(data, "images", path.name), f"{path.name} 'images'")
+    annotations = _list(_field(data, "annotations", path.name), f"{path.name} 'annotations'")
     names: dict[Any, str] = {}
     for n, im in enumerate(images):
         where = f"{path.name} images[{n}]"
-        names[_field(im, "id", where)] = _image_name(str(_field(im, "file_name", where)), where)
+        image_id = _coco_id(_field(im, "id", where), where)
+        names[image_id] = _image_name(str(_field(im, "file_name", where)), where)
     groups: dict[str, list[str]] = {}
     for n, ann in enumerate(annotations):
         where = f"{path.name} annotations[{n}]"
-        image_id = _field(ann, "image_id", where)
+        image_id = _coco_id(_field(ann, "image_id", where), where)
         if image_id not in names:
             raise UserError(f"{where} refers to image_id {image_id!r}, absent from 'images'")
         groups.setdefault(names[image_id], []).append(
@@ -470,7 +486,10 @@ def _hf_split(cfg: DictConfig, name: str, hub_split: str) -> ImageTextSplit:
     if image_col != "image":
         rows = rows.rename_column(image_col, "image")
     if not isinstance(rows.features["image"], datasets.Image):
-        rows = rows.cast_column("image", datasets.Image())  # e.g. a column of file paths
+        for k, cell in zip(ids, rows["image"], strict=True):  # a column of file paths
+            if isinstance(cell, str):
+                _image_name(cell, f"hub split {hub_split!r} row {first_row[k]}")
+        rows = rows.cast_column("image", datasets.Image())
     rows = rows.add_column("image_id", ids, feature=FEATURES["image_id"])
     rows = rows.add_column("captions", captions, feature=FEATURES["captions"])
     # Source identity + its Arrow files' signatures stand in for per-image file signatures.

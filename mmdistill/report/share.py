@@ -157,7 +157,9 @@ def export_hf(run_dir: Path, out: Path | None = None, device: str = "cpu") -> Pa
             f"{run_dir} holds no distilled.safetensors; export reads a distill run folder"
         )
     cfg = run_config(run_dir)
-    pairs = PairSet.load(run_dir / "distilled", fix="restore it from a copy, or distil again")
+    fix = "restore it from a copy, or distil again"
+    pairs = PairSet.load(run_dir / "distilled", fix=fix)
+    check_labels(pairs, run_dir / "distilled.json", fix)  # exported under no label it lacks
     encoder, train, train_images = real_train(cfg, run_dir, device)
     tensors = _tensors(pairs)
     captions = nearest_captions(pairs, train, encoder)
@@ -413,6 +415,21 @@ def _tensor(name: str, x: Tensor, wanted: tuple, where: Path, fix: str) -> Tenso
 def validated(pairs: PairSet, where: Path, fix: str) -> PairSet:
     """A loaded set whose labels and tensors can be trusted: known method, plain dataset name,
     tensors cast where that is exact (or range-safe) and refused otherwise."""
+    check_labels(pairs, where, fix)
+    if not isinstance(pairs.images, Tensor):
+        return pairs
+    mask, index = pairs.text_mask, pairs.image_index
+    return replace(
+        pairs,
+        images=_tensor("images", pairs.images, (torch.float32,), where, fix),
+        texts=_tensor("texts", pairs.texts, (torch.float32, torch.int64), where, fix),
+        text_mask=None if mask is None else _tensor("text_mask", mask, MASKS, where, fix),
+        image_index=None if index is None else _tensor("image_index", index, IDS, where, fix),
+    )
+
+
+def check_labels(pairs: PairSet, where: Path, fix: str) -> None:
+    """The set's method is one of mmdistill's, its dataset label a plain name."""
     method = pairs.meta.get("method")
     if not isinstance(method, str) or method not in METHODS:
         raise io.damaged(
@@ -427,16 +444,6 @@ def validated(pairs: PairSet, where: Path, fix: str) -> PairSet:
             io.plain_name(dataset, "dataset")
         except UserError:
             raise io.damaged(where, f"its dataset label {dataset!r} is not a name", fix) from None
-    if not isinstance(pairs.images, Tensor):
-        return pairs
-    mask, index = pairs.text_mask, pairs.image_index
-    return replace(
-        pairs,
-        images=_tensor("images", pairs.images, (torch.float32,), where, fix),
-        texts=_tensor("texts", pairs.texts, (torch.float32, torch.int64), where, fix),
-        text_mask=None if mask is None else _tensor("text_mask", mask, MASKS, where, fix),
-        image_index=None if index is None else _tensor("image_index", index, IDS, where, fix),
-    )
 
 
 def source_config(source: Path) -> DictConfig:

@@ -234,6 +234,8 @@ def _read_result(path: Path) -> Result:
         if key not in data:
             raise ValueError(f"'{key}' missing")
     verb, method = str(data["verb"]), str(data["method"])
+    if verb != "train" and method not in METHODS:  # a label no method made is not tabled
+        raise ValueError(f"method {method!r} is none of mmdistill's")
     switches = {"dataset": str(data["dataset"]), "encoder": str(data["encoder"])}
     noise = data.get("noise") or {"name": "none"}
     switches["noise"] = str(noise.get("name", "none"))
@@ -786,7 +788,9 @@ def update_section(doc: Path, name: str, text: str) -> None:
     begin = f"<!-- BEGIN generated: {name} (mmdistill table --into; edits here are replaced) -->"
     end = f"<!-- END generated: {name} -->"
     block = f"{begin}\n{text.rstrip()}\n{end}"
-    old = doc.read_text() if doc.is_file() else ""
+    if doc.is_dir():
+        raise UserError(f"--into {doc} is a folder; give the Markdown document to update")
+    old = io.read_text(doc, fix="re-save it as UTF-8") if doc.is_file() else ""
     if begin in old and end in old:
         head, rest = old.split(begin, 1)
         new = head + block + rest.split(end, 1)[1]
