@@ -174,7 +174,8 @@ def _stops_cleanly(run_dir: Path, multirun: bool) -> Iterator[None]:
         io.remove_partials()
         at = runs.where(run_dir, stop.at)
         runs.record_interrupt(run_dir, at, stop.signum)
-        print(f"interrupted at {at}; resume with resume={run_dir}", file=sys.stderr)
+        again = "relaunch the sweep's command" if multirun else f"resume={run_dir}"
+        print(f"interrupted at {at}; resume with {again}", file=sys.stderr)
         sys.exit(128 + stop.signum)
 
 

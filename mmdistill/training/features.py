@@ -199,7 +199,8 @@ def real_split(
     ids. `workers` decode images into the image cache when it is built."""
     cache_dir = Path(cache_dir).expanduser()
     io.plain_name(dataset_name, "dataset.name")  # it names the cache's files
-    io.remove_stale_partials(cache_dir)  # entries a killed run was writing
+    for folder in (cache_dir, cache_dir / "images"):  # entries a killed run was writing
+        io.remove_stale_partials(folder)
     images_cache = ImageCache(split, encoder.pixels, cache_dir, dataset_name, workers)
     images: Tensor | PixelStore
     if encoder.image_space == "feature":
