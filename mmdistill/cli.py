@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -290,6 +291,9 @@ def _signals_stop(verb: str) -> Iterator[None]:
     (the previous handlers come back after it, for callers such as tests); outside a job's
     run folder (folder verbs, composing the config) it ends the command in one line too."""
     global _MAIN_PID
+    if threading.current_thread() is not threading.main_thread():  # handlers live there
+        yield
+        return
     _MAIN_PID = os.getpid()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:

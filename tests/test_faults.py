@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["dataset.split_sizes=[40,10,20]", "budget.pairs=10", "device=cpu", "threads=1"]
 STUDENTS = ["eval.students=2", "eval.steps=10"]
 # CovMatch for a few checkpointed steps: long enough to be interrupted between checkpoints.
-DISTILL = ["method.steps=100", "method.checkpoint_every=50", "method.log_every=10"]
+DISTILL = ["method.steps=40", "method.reset_every=10", "method.checkpoint_every=20"]
+DISTILL += ["method.log_every=5"]
 
 
 def launch(run: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -124,9 +125,9 @@ def test_sigterm_during_distillation_resumes_byte_identical(tmp_path: Path) -> N
         log = run / "metrics.jsonl"
         lines = log.read_text().splitlines() if log.is_file() else []
         steps = [json.loads(x)["step"] for x in lines[:-1] if '"method"' in x]
-        return bool(steps) and max(steps) >= 60
+        return bool(steps) and max(steps) >= 25
 
-    wait_for(proc, past_a_checkpoint, "distillation step 60")
+    wait_for(proc, past_a_checkpoint, "distillation step 25")
     line = stopped(proc, signal.SIGTERM, group=False)
     assert line.startswith("interrupted at distill, method step ") and f"resume={run}" in line
     assert meta(run)["status"] == "interrupted" and not temp_files(run)
