@@ -22,14 +22,15 @@ import time
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mmdistill import __version__, io
 from mmdistill.errors import UserError
 from mmdistill.metrics import FILE as METRICS_FILE
 from mmdistill.metrics import Metrics
+
+if TYPE_CHECKING:  # torch is imported where a run starts: the CLI's checks stay fast
+    import torch
 
 RUN_FORMAT = 1
 # The stage (`Run.timed` name) and the last metrics record of this process's job, for the line
@@ -108,6 +109,8 @@ class Run:
     """One run folder; creating it records meta.json, re-opening it checks compatibility."""
 
     def __init__(self, path: Path, verb: str, device: str, seed: int) -> None:
+        import torch
+
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         io.remove_stale_partials(self.path, recursive=True)  # a killed (-9) run's temp files
@@ -285,6 +288,8 @@ def resource_peaks() -> dict[str, float | None]:
     evaluation students; None when it had none), and peak GPU memory allocated by torch (None
     without CUDA), all in MiB: what a run cost at its high-water mark."""
     import resource
+
+    import torch
 
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
