@@ -458,6 +458,8 @@ def table(args: list[str]) -> None:
     )
     # `columns=...` (the Hydra-style spelling) is the same option as `--columns ...`
     ns = ap.parse_args([re.sub(r"^columns=", "--columns=", a) for a in args])
+    if ns.into:
+        tables.check_into(ns.into)
     results, problems = tables.collect(ns.folders)
     if ns.cross_arch:
         _cross_arch_table(ns, results, problems)
@@ -540,8 +542,8 @@ def report(args: list[str]) -> None:
     ns = ap.parse_args(args)
     if not ns.folder.is_dir():
         raise UserError(f"{ns.folder} is not a folder; give a run folder or a sweep folder")
-    if ns.out is not None and ns.out.is_dir():
-        raise UserError(f"--out {ns.out} is a folder; give the page's file name (report.html)")
+    if ns.out is not None and (ns.out.is_dir() or ns.out.suffix.lower() not in (".html", ".htm")):
+        raise UserError(f"--out {ns.out} is not an .html page; give the page's file name")
     check_folders({"--out": (ns.out or ns.folder / "report.html").parent})
     register_resolvers()
     page = pages.folder_report(ns.folder, out=ns.out, max_images=ns.max, device=ns.device)

@@ -501,3 +501,20 @@ def test_report_refuses_a_folder_without_runs(
 ) -> None:
     one_line(*run_cli(capsys, "report", str(tmp_path)), "no runs here")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_destination_that_is_a_run_artefact_or_a_file_is_refused(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    res = results(tmp_path / "a")
+    before = res.read_bytes()
+    table = ("table", str(tmp_path), "--into", str(res))
+    one_line(*run_cli(capsys, *table), "not a Markdown document")
+    one_line(*run_cli(capsys, "report", str(tmp_path), "--out", str(res)), "not an .html page")
+    export = ("export", str(tmp_path / "a"), "--out", str(res))
+    one_line(*run_cli(capsys, *export), f"{res} is a file, not a folder")
+    one_line(*run_cli(capsys, "table", str(tmp_path), "--out", str(res)), "is a file")
+    assert res.read_bytes() == before and sorted(p.name for p in tmp_path.rglob("*")) == [
+        "a",
+        "results.json",
+    ]

@@ -781,6 +781,12 @@ def write(table: Table, out: Path) -> list[Path]:
     return files
 
 
+def check_into(doc: Path) -> None:
+    """`--into` names a Markdown document: never a folder, nor a run's JSON or tensors."""
+    if doc.is_dir() or doc.suffix.lower() not in (".md", ".markdown"):
+        raise UserError(f"--into {doc} is not a Markdown document (.md); give the one to update")
+
+
 def update_section(doc: Path, name: str, text: str) -> None:
     """Replace the generated section `name` of a Markdown document (appended if absent)."""
     from mmdistill import io
@@ -788,8 +794,7 @@ def update_section(doc: Path, name: str, text: str) -> None:
     begin = f"<!-- BEGIN generated: {name} (mmdistill table --into; edits here are replaced) -->"
     end = f"<!-- END generated: {name} -->"
     block = f"{begin}\n{text.rstrip()}\n{end}"
-    if doc.is_dir():
-        raise UserError(f"--into {doc} is a folder; give the Markdown document to update")
+    check_into(doc)
     old = io.read_text(doc, fix="re-save it as UTF-8") if doc.is_file() else ""
     if begin in old and end in old:
         head, rest = old.split(begin, 1)
