@@ -7,16 +7,19 @@ so overrides, `-m` sweeps, `--cfg job` and `--help` all work. `table`, `export` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmdistill import config, io, relaunch, schema
+from mmdistill import config, io, relaunch, runs, schema
 from mmdistill.config import conf_dir, register_resolvers
 from mmdistill.errors import UserError
-from mmdistill.sweeps import job_args
+from mmdistill.sweeps import check_sweep_dirs, check_sweep_subdir, job_args
 
 JOB_VERBS = ("distill", "train", "evaluate", "buffer")
 FOLDER_VERBS = ("table", "export", "report")
@@ -119,21 +122,26 @@ def _job_app(verb: str) -> Callable[[], None]:
         multirun = hc.mode == RunMode.MULTIRUN
         try:
             schema.check(cfg, verb)
+            if multirun:
+                check_sweep_dirs(Path(str(hc.sweep.dir)), run_dir)
             folder = relaunch.check(run_dir, cfg, resuming=cfg.get("resume") is not None)
             if folder.state == "done":
                 console.print(f"already done, skipped: {run_dir}")
                 return
-            folder.accept(cfg, HydraConfig.instance().cfg, say=logging.getLogger("mmdistill").info)
-            device = resolve_device(str(cfg.device))
-            precision.configure(str(cfg.get("precision", "auto")), device)
-            try:
-                JOBS[verb](cfg, run_dir, device)
-            except torch.cuda.OutOfMemoryError:
-                raise UserError(
-                    f"the GPU ran out of memory in `{verb}`; lower method.syn_steps, the batch "
-                    "sizes (method.batch_syn, method.syn_batch, eval.batch_size, "
-                    "expert.batch_size) or budget.pairs, or use precision=bf16"
-                ) from None
+            with relaunch.held(run_dir), _stops_cleanly(run_dir, multirun), _fs_faults(run_dir):
+                folder.accept(
+                    cfg, HydraConfig.instance().cfg, say=logging.getLogger("mmdistill").info
+                )
+                device = resolve_device(str(cfg.device))
+                precision.configure(str(cfg.get("precision", "auto")), device)
+                try:
+                    JOBS[verb](cfg, run_dir, device)
+                except torch.cuda.OutOfMemoryError:
+                    raise UserError(
+                        f"the GPU ran out of memory in `{verb}`; lower method.syn_steps, the "
+                        "batch sizes (method.batch_syn, method.syn_batch, eval.batch_size, "
+                        "expert.batch_size) or budget.pairs, or use precision=bf16"
+                    ) from None
             console.print(f"run folder: {run_dir}")
         except UserError as err:
             if not isinstance(err, relaunch.RunConflict):
@@ -156,6 +164,60 @@ def _job_app(verb: str) -> Callable[[], None]:
     return app
 
 
+@contextlib.contextmanager
+def _stops_cleanly(run_dir: Path, multirun: bool) -> Iterator[None]:
+    """SIGINT / SIGTERM in a job: partial files removed, meta.json `interrupted`, one line,
+    exit 130 / 143 (a sweep stops too: relaunching it resumes its jobs)."""
+    try:
+        yield
+    except runs.Interrupted as stop:
+        _ignore_signals()  # a second Ctrl-C must not cut the clean-up short
+        io.remove_partials()
+        at = runs.where(run_dir, stop.at)
+        runs.record_interrupt(run_dir, at, stop.signum)
+        again = "relaunch the sweep's command" if multirun else f"resume={run_dir}"
+        print(f"interrupted at {at}; resume with {again}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+
+
+@contextlib.contextmanager
+def _fs_faults(where: Path | None = None) -> Iterator[None]:
+    """A full, read-only or forbidden disk met by any writer (metrics lines, plots) is one
+    line naming the path and its free space, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        fault = io.fs_fault(Path(err.filename or where or "."), err)
+        if fault is None:
+            raise
+        raise fault from None
+
+
+def _check_paths(args: list[str], configs: list, multirun: bool) -> None:
+    """Before Hydra makes any folder: no empty or escaping folder settings, and the run and
+    cache folders can be written."""
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        given = [a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")]
+        if given and not given[-1].strip().strip("'\"").strip():
+            raise UserError(
+                f"{key} is empty; give a folder ({key}=outputs/my-run) or leave it out for a "
+                "new dated folder"
+            )
+    subdir = [a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.subdir=")]
+    if subdir:
+        check_sweep_subdir(subdir[-1])
+    run_dir = _run_dir(args)
+    for cfg in configs:
+        runs.check_paths(cfg)
+        out = ("hydra.run.dir", run_dir) if run_dir is not None and not multirun else None
+        runs.check_folders(
+            dict(
+                [out or ("paths.output_dir (MMDISTILL_OUTPUTS)", Path(str(cfg.paths.output_dir)))]
+                + [("paths.cache_dir (MMDISTILL_CACHE)", Path(str(cfg.paths.cache_dir)))]
+            )
+        )
+
+
 def _run_job_verb(verb: str, args: list[str]) -> None:
     check_choices(args, conf_dir())
     args = job_args(verb, resume_args(verb, args))
@@ -164,6 +226,8 @@ def _run_job_verb(verb: str, args: list[str]) -> None:
     if not HELP_FLAGS.intersection(flags):
         configs = config.job_configs(verb, args, check=not printing)
         multirun = any(a in config.MULTIRUN_FLAGS for a in flags)
+        if not printing:
+            _check_paths(args, configs, multirun)
         run_dir = _run_dir(args)
         if run_dir is not None and not multirun and not printing:
             resuming = any(a.startswith("resume=") for a in args)
@@ -187,19 +251,63 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.getLogger("root").setLevel(logging.ERROR)
     try:
-        if verb in JOB_VERBS:
-            _run_job_verb(verb, args)
-        elif verb in FOLDER_VERBS:
-            from mmdistill.jobs import FOLDER_JOBS
+        with _signals_stop(verb), _fs_faults():
+            if verb in JOB_VERBS:
+                _run_job_verb(verb, args)
+            elif verb in FOLDER_VERBS:
+                from mmdistill.jobs import FOLDER_JOBS
 
-            FOLDER_JOBS[verb](args)
-        else:
-            raise UserError(
-                f"unknown verb {verb!r}; choose one of: {', '.join(JOB_VERBS + FOLDER_VERBS)}"
-            )
+                FOLDER_JOBS[verb](args)
+            else:
+                raise UserError(
+                    f"unknown verb {verb!r}; choose one of: {', '.join(JOB_VERBS + FOLDER_VERBS)}"
+                )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+_MAIN_PID = os.getpid()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """The parent stops with `Interrupted`; a forked worker (students, DataLoader) leaves
+    stopping to its parent, which ends it: a terminal's Ctrl-C reaches the whole group."""
+    if os.getpid() != _MAIN_PID:
+        if signum == signal.SIGTERM:
+            os._exit(128 + signum)
+        return
+    raise runs.Interrupted(signum)
+
+
+def _ignore_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _signals_stop(verb: str) -> Iterator[None]:
+    """SIGINT and SIGTERM raise `runs.Interrupted` in this process for the command's length
+    (the previous handlers come back after it, for callers such as tests); outside a job's
+    run folder (folder verbs, composing the config) it ends the command in one line too."""
+    global _MAIN_PID
+    if threading.current_thread() is not threading.main_thread():  # handlers live there
+        yield
+        return
+    _MAIN_PID = os.getpid()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, _on_signal)
+    try:
+        yield
+    except (runs.Interrupted, KeyboardInterrupt) as stop:
+        _ignore_signals()
+        io.remove_partials()
+        print(f"interrupted during `{verb}`; partial files removed, run it again", file=sys.stderr)
+        sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,24 @@ load: JSON, YAML, text, images and safetensors. No pickle anywhere.
 A reader that fails raises a one-line `UserError` naming the file, what is wrong with it and
 the fix the caller supplies ("delete <file>, it will be rebuilt"). torch, safetensors and PIL
 are imported on first use, so the CLI's config checks stay fast.
+
+Faults of the file system are classes too: every temp file a writer is filling holds an OS lock
+(flock) for as long as it is written, so `remove_stale_partials` can tell a dead writer's
+leftover from a live one, and `remove_partials` drops this process's own on an interrupt. A full,
+read-only or forbidden destination is one line naming the path and its free space. `confined`
+is the one path policy: a path made from a config value, a data row or an artefact stays under
+its root.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,18 +37,153 @@ if TYPE_CHECKING:
 DEFAULT_FIX = "restore it or delete it"
 
 
+# Temp files this process is writing (removed on an interrupt) and the OS errors that mean the
+# destination itself is at fault, not the data.
+_PARTIALS: dict[str, int] = {}
+FS_FAULTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a part of the path is a file, not a folder",
+}
+
+
+def free_space(path: Path) -> str:
+    """Free space on the disk holding `path` (or its nearest existing parent), for messages."""
+    here = Path(path)
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        return f"{shutil.disk_usage(here).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+def fs_fault(path: Path, err: OSError) -> UserError | None:
+    """The one-line error for a destination that cannot be written, or None for other errors."""
+    why = FS_FAULTS.get(err.errno or 0)
+    if why is None:
+        return None
+    return UserError(
+        f"cannot write {path}: {why} ({free_space(path)}); free space or point the output "
+        "(hydra.run.dir, MMDISTILL_OUTPUTS) or cache (MMDISTILL_CACHE) at a writable disk"
+    )
+
+
+@contextlib.contextmanager
+def partial(path: Path) -> Iterator[Path]:
+    """A locked, hidden temp file beside `path` (`.<name>.<random>.tmp`), removed unless the
+    caller renamed it into place; the lock tells other processes it is alive."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise fs_fault(path, err) or err from None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _PARTIALS[tmp] = fd
+    try:
+        yield Path(tmp)
+    except OSError as err:
+        raise fs_fault(path, err) or err from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a no-op once renamed: the name is gone
+        _PARTIALS.pop(tmp, None)
+        os.close(fd)
+
+
+def remove_partials() -> None:
+    """Delete every temp file this process is still writing (on SIGINT / SIGTERM)."""
+    for tmp in list(_PARTIALS):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def remove_stale_partials(folder: Path, recursive: bool = False) -> int:
+    """Delete temp files under `folder` whose writer is gone (killed with -9, power loss): a
+    live writer holds its file's lock. Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for tmp in (folder.rglob if recursive else folder.glob)(".*.tmp"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            pass  # locked: a live writer's
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path) -> Iterator[None]:
+    """Hold the lock of one shared cache entry (`.<name>.lock` beside it) while it is built, so
+    two runs building the same entry do the work once: the second waits, then finds it. The
+    lock file goes when released; a waiter that got the lock of a removed file tries again."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise fs_fault(lock, err) or err from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break  # still the file at that name: the lock is ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
+    with partial(path) as tmp:
+        write(str(tmp))
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; artefacts are meant to be shared
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+def confined(root: Path, rel: str | Path, what: str) -> Path:
+    """`root / rel`, refused (naming `what`: a config key or a data row) when `rel` is absolute
+    or climbs out of `root` with `..`. Lexical, so a dataset of symlinks keeps working."""
+    text = str(rel)
+    norm = os.path.normpath(text) if text else ""
+    if not text or "\0" in text or os.path.isabs(text) or norm == ".." or norm.startswith("../"):
+        raise UserError(
+            f"{what} {text!r} points outside {root}; give a path relative to that folder"
+        )
+    return Path(root) / norm
+
+
+def plain_name(value: object, key: str) -> str:
+    """A name that becomes one file or folder name (a dataset name in cache files): no path
+    separators, not `.` or `..`, not empty."""
+    text = str(value)
+    if not text.strip() or text in (".", "..") or any(c in text for c in "/\\\0"):
+        raise UserError(
+            f"{key}={text!r} is not a plain name (it names files and folders); use letters, "
+            "digits, '.', '_' and '-' without '/'"
+        )
+    return text
 
 
 def write_text(path: Path, text: str) -> None:
@@ -130,10 +276,21 @@ def save_tensors(
     path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (tensors made contiguous and detached)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(clean, tmp, metadata=metadata)
+        except SafetensorError as err:  # its I/O errors carry the OS error only as text
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+
+    _atomic(path, write)
 
 
 def load_tensors(

@@ -35,7 +35,7 @@ from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import is_text_features
 from mmdistill.report import cross_arch, pages, recall, share, tables
 from mmdistill.report.visuals import export_run
-from mmdistill.runs import Run
+from mmdistill.runs import Run, check_folders
 from mmdistill.sweeps import resolve_budget
 from mmdistill.training import cost, precision, transfer
 from mmdistill.training.experts import find_or_build_buffer
@@ -309,6 +309,37 @@ def _check_compatible(pairs: PairSet, prep: Prepared) -> None:
             f"the distilled texts have shape {list(pairs.texts.shape[1:])} but encoder "
             f"{prep.encoder.name} reads {list(want_txt)}; use the encoder it was distilled for"
         )
+    if want_txt is None:
+        _check_tokens(pairs.texts, prep.encoder)
+
+
+def _check_tokens(texts: torch.Tensor, encoder: Encoder) -> None:
+    """Token ids inside the encoder's vocabulary, token embeddings of its width."""
+    tables = [m for m in encoder.text_trunk.modules() if isinstance(m, torch.nn.Embedding)]
+    if not tables or texts.numel() == 0:
+        return
+    vocab = max(tables, key=lambda m: m.num_embeddings)
+    if not texts.is_floating_point():
+        low, high = int(texts.min()), int(texts.max())
+        if low < 0 or high >= vocab.num_embeddings:
+            raise UserError(
+                f"the distilled token ids span {low}..{high} but encoder {encoder.name}'s "
+                f"vocabulary has {vocab.num_embeddings} tokens; the set is damaged or made for "
+                "another encoder (encoder=...)"
+            )
+        return
+    embed = getattr(encoder.text_trunk, "embed_tokens", None)
+    if embed is None:
+        return
+    device = next(encoder.text_trunk.parameters()).device
+    with torch.no_grad():
+        width = int(embed(torch.zeros(1, 1, dtype=torch.long, device=device)).shape[-1])
+    if texts.dim() != 3 or texts.shape[-1] != width:
+        raise UserError(
+            f"the distilled texts have shape {list(texts.shape[1:])} but encoder "
+            f"{encoder.name} reads token ids or [length, {width}] token embeddings; use the "
+            "encoder it was distilled for"
+        )
 
 
 def distill_context(
@@ -427,6 +458,8 @@ def table(args: list[str]) -> None:
     )
     # `columns=...` (the Hydra-style spelling) is the same option as `--columns ...`
     ns = ap.parse_args([re.sub(r"^columns=", "--columns=", a) for a in args])
+    if ns.into:
+        tables.check_into(ns.into)
     results, problems = tables.collect(ns.folders)
     if ns.cross_arch:
         _cross_arch_table(ns, results, problems)
@@ -476,6 +509,8 @@ def export(args: list[str]) -> None:
     ns = ap.parse_args(args)
     if not ns.run.is_dir():
         raise UserError(f"{ns.run} is not a folder; give a distill run folder")
+    if ns.out is not None:
+        check_folders({"--out": ns.out})
     register_resolvers()
     files = EXPORTS[ns.format](ns)
     for f in files:
@@ -507,6 +542,9 @@ def report(args: list[str]) -> None:
     ns = ap.parse_args(args)
     if not ns.folder.is_dir():
         raise UserError(f"{ns.folder} is not a folder; give a run folder or a sweep folder")
+    if ns.out is not None and (ns.out.is_dir() or ns.out.suffix.lower() not in (".html", ".htm")):
+        raise UserError(f"--out {ns.out} is not an .html page; give the page's file name")
+    check_folders({"--out": (ns.out or ns.folder / "report.html").parent})
     register_resolvers()
     page = pages.folder_report(ns.folder, out=ns.out, max_images=ns.max, device=ns.device)
     for problem in page.problems:

@@ -10,12 +10,21 @@ under settings it was not made with.
   kept after a divergence, is) and the evaluation protocol, whose finished students are then
   trained again. Data, encoder, noise, seed, budget and method stay fixed.
 * Settings that cannot change what is computed (device, threads, workers, paths) are ignored.
+* One process at a time works in a folder: `held` takes an OS lock (flock, released by the
+  kernel when the process dies, however it dies) and a second process is refused, naming the
+  holder's pid.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +38,46 @@ NEUTRAL = ("device", "threads", "resume", "run_name", "eval.workers", "paths")
 RESUMABLE = ("method", "expert")  # but not method.name
 PROTOCOL = ("eval",)
 SHOWN = 3  # differing keys named in a message
+LOCK = ".lock"  # in the run folder: holds the pid of the process working there
 
 
 class RunConflict(UserError):
     """A command that would overwrite or mislabel a run folder; the folder is left as it is."""
+
+
+class FolderBusy(RunConflict):
+    """Another live process works in the run folder; nothing is written there."""
+
+
+@contextlib.contextmanager
+def held(run_dir: Path) -> Iterator[None]:
+    """This process's exclusive hold on a run folder for the length of the block."""
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise io.fs_fault(path, err) or err from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise FolderBusy(
+                f"{run_dir} is in use by another mmdistill process (pid {holder}); wait for it "
+                "to finish (or stop it), or give another hydra.run.dir"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            raise io.fs_fault(path, err) or err from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -166,3 +211,9 @@ class RunLogHandler(logging.FileHandler):
     def emit(self, record: logging.LogRecord) -> None:
         if not (self.folder / "done").is_file():
             super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """A log line the disk cannot take (full, read-only) is dropped, not printed as a
+        traceback: the job's own write reports the fault in one line."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)

@@ -120,6 +120,25 @@ def job_args(verb: str, args: list[str]) -> list[str]:
     return [*args[:at], *extra, *args[at:]]
 
 
+def check_sweep_subdir(value: str) -> None:
+    """`hydra.sweep.subdir=<value>` as given: refused when it leaves the sweep folder (each
+    `${...}` taken as one folder name, as Hydra's job values are)."""
+    io.confined(Path("the sweep folder"), re.sub(r"\$\{[^}]*\}", "x", value), "hydra.sweep.subdir")
+
+
+def check_sweep_dirs(sweep_dir: Path, job_dir: Path) -> None:
+    """A sweep's job folder (`hydra.sweep.subdir`, made from overrides) stays in its sweep
+    folder; one that does not is refused (and removed when Hydra left it empty)."""
+    rel = os.path.relpath(os.path.abspath(job_dir), os.path.abspath(sweep_dir))
+    if rel == ".." or rel.startswith("../"):
+        if job_dir.is_dir() and not any(job_dir.iterdir()):
+            job_dir.rmdir()
+        raise UserError(
+            f"the sweep's job folder {job_dir} is outside its sweep folder {sweep_dir} "
+            "(hydra.sweep.subdir, or an override value with '..'); keep it inside"
+        )
+
+
 def _has_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

@@ -136,11 +136,9 @@ def test_bad_input_is_one_line_per_problem_and_the_rest_builds(sweep: Path, tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     p = mmdistill("report", str(empty))
-    assert p.returncode == 0
-    assert [line for line in p.stderr.splitlines() if "no runs here" in line] == [
-        f"{empty}: no runs here (no folder with meta.json, results.json or .hydra/)"
-    ]
-    assert (empty / pages.PAGE).is_file()
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"{empty}: no runs here (no folder with meta.json" in p.stderr
+    assert not (empty / pages.PAGE).exists()  # no page that would pass for a report
 
     run = tmp_path / "damaged"
     shutil.copytree(sweep / "covmatch", run)

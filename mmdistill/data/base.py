@@ -87,6 +87,9 @@ class ImageTextSet:
     val: ImageTextSplit
     test: ImageTextSplit
 
+    def __post_init__(self) -> None:
+        io.plain_name(self.name, "dataset.name")  # it names cache files and run folders
+
     def split(self, name: str) -> ImageTextSplit:
         if name not in SPLITS:
             raise UserError(f"unknown split {name!r}; choose one of: {', '.join(SPLITS)}")
@@ -160,8 +163,9 @@ def split_from_records(
 
 
 def check_images_exist(root: Path, files: Sequence[str]) -> list[Path]:
-    """Resolve image files under root, failing on the first missing one with a fix."""
-    paths = [root / f for f in files]
+    """Resolve image files under root (none outside it: `io.confined`), failing on the first
+    missing one with a fix."""
+    paths = [io.confined(root, f, "image file") for f in files]
     for p in paths:
         if not p.is_file():
             raise UserError(

@@ -8,11 +8,13 @@ encoder's per-image transform (`clip_preprocess`).
 
 The file is a 4 KiB header (magic + JSON: format version, content key, shape, a digest of sampled
 rows) followed by the rows. Its name holds the split's image fingerprint and the resize rule, so
-it is keyed by content like the feature cache; it is written to a temp file and renamed, so a
-killed build never leaves a file that looks finished, and a corrupt file or one from another
-format version is rebuilt with one warning line. Rows are read with positioned reads, not a
-memory map: mapped pages count toward the process's resident set, so a run that touches every
-row of a mapped cache would grow its peak RSS with the data.
+it is keyed by content like the feature cache; it is written to a locked temp file and renamed,
+so a killed build never leaves a file that looks finished (its temp file is removed on an
+interrupt, or by the next build once no process holds its lock), and a corrupt file or one from
+another format version is rebuilt with one warning line. A build holds the entry's lock, so two
+runs that need the same file decode the images once: the second waits and reads it. Rows are
+read with positioned reads, not a memory map: mapped pages count toward the process's resident
+set, so a run that touches every row of a mapped cache would grow its peak RSS with the data.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ import logging
 import os
 import shutil
 import struct
-import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mmdistill import io
 from mmdistill.data.base import ImageTextSplit
 from mmdistill.errors import UserError
 
@@ -50,7 +51,6 @@ SAMPLED_ROWS = 16  # rows hashed into the header and checked on every open
 LOOKUP_CHUNK = 1 << 16  # pixels per table lookup in `PixelRule.normalise`
 SMALL_SPLIT = 512  # below this many images, starting workers costs more than decoding
 MAX_WORKERS = 8
-STALE_BUILD_S = 3600  # a temp file untouched this long belongs to a killed build
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -273,14 +273,9 @@ class ImageCache:
         return None
 
     def _remove_stale_builds(self) -> None:
-        """Temp files of builds that were killed: a live build writes to its file all the time,
-        so one untouched for an hour is garbage (and may be as large as the cache)."""
-        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            try:
-                if time.time() - tmp.stat().st_mtime > STALE_BUILD_S:
-                    tmp.unlink()
-            except FileNotFoundError:
-                pass  # another process removed it first
+        """Temp files of builds that were killed (no process holds their lock); they may be as
+        large as the cache itself."""
+        io.remove_stale_partials(self.path.parent)
 
     def _check_space(self) -> None:
         need = HEADER_BYTES + int(np.prod(self.shape))
@@ -297,10 +292,17 @@ class ImageCache:
     ) -> Iterator[Tensor]:
         """uint8 batches of consecutive images from the start: read from the file, or decoded
         (and written) while the caller consumes them when the file is missing or unusable."""
-        problem = self.problem()
-        if problem is not None:
-            yield from self._build(problem, batch, on_batch)
+        if self.problem() is None:
+            yield from self._stored(batch, on_batch)
             return
+        with io.entry_lock(self.path):  # another run may be building it: wait, then read it
+            problem = self.problem()
+            if problem is None:
+                yield from self._stored(batch, on_batch)
+            else:
+                yield from self._build(problem, batch, on_batch)
+
+    def _stored(self, batch: int, on_batch: Callable[[int], None] | None) -> Iterator[Tensor]:
         store = self.store()
         for s in range(0, len(store), batch):
             chunk = store.pixels(slice(s, s + batch))
@@ -310,9 +312,8 @@ class ImageCache:
 
     def build(self, on_batch: Callable[[int], None] | None = None, batch: int = 64) -> None:
         """Make sure a usable file exists, decoding every image when it does not."""
-        problem = self.problem()
-        if problem is not None:
-            for _ in self._build(problem, batch, on_batch):
+        if self.problem() is not None:
+            for _ in self.batches(batch, on_batch):
                 pass
 
     def _build(
@@ -323,34 +324,29 @@ class ImageCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._remove_stale_builds()
         self._check_space()
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(b"\0" * HEADER_BYTES)
-                written = 0
-                for chunk in decoded_batches(self.split, self.rule, batch, self.workers):
-                    f.write(np.ascontiguousarray(chunk.numpy()).data)
-                    written += len(chunk)
-                    if on_batch:
-                        on_batch(len(chunk))
-                    yield chunk
-                if written != self.shape[0]:
-                    raise RuntimeError(f"decoded {written} of {self.shape[0]} images")
-                f.flush()
-                rows = _Rows(tmp, self.shape)
-                try:
-                    sample = _digest(rows, self.shape[0])
-                finally:
-                    rows.close()
-                f.seek(0)
-                f.write(_header(VERSION, self.key, self.shape, sample))
-                f.flush()
-                os.fsync(f.fileno())
+        with io.partial(self.path) as tmp, open(tmp, "wb") as f:
+            f.write(b"\0" * HEADER_BYTES)
+            written = 0
+            for chunk in decoded_batches(self.split, self.rule, batch, self.workers):
+                f.write(np.ascontiguousarray(chunk.numpy()).data)
+                written += len(chunk)
+                if on_batch:
+                    on_batch(len(chunk))
+                yield chunk
+            if written != self.shape[0]:
+                raise RuntimeError(f"decoded {written} of {self.shape[0]} images")
+            f.flush()
+            rows = _Rows(tmp, self.shape)
+            try:
+                sample = _digest(rows, self.shape[0])
+            finally:
+                rows.close()
+            f.seek(0)
+            f.write(_header(VERSION, self.key, self.shape, sample))
+            f.flush()
+            os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     def store(self) -> PixelStore:
         """The split's pixels, read from the file (which must be usable: see `build`)."""

@@ -1,7 +1,9 @@
 """Readers for real image-text data: each turns one on-disk or hub format into an ImageTextSet.
 
 Every reader validates its input up front and raises a one-line `UserError` naming the fix,
-so a wrong path fails before any model is built. The set's name comes from `cfg.name`, as in
+so a wrong path fails before any model is built. Image names read from data files are
+confined to their image folder (`io.confined`): an absolute name or one that climbs out with
+`..` is refused, naming the row. The set's name comes from `cfg.name`, as in
 every `conf/dataset/*.yaml` (default: the data's usual name); the `hf` reader therefore takes the
 hub's dataset config from `cfg.config_name`. Captions are stripped; an empty caption is a
 malformed row, not something to skip silently, because it would shift the caption -> image
@@ -84,6 +86,12 @@ def _clean_caption(raw: Any, where: str) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise UserError(f"{where} has an empty or non-text caption ({raw!r}); fix or drop that row")
     return raw.strip()
+
+
+def _image_name(name: str, where: str) -> str:
+    """An image file name from a data row, refused when it would leave the image folder."""
+    io.confined(Path("the image folder"), name, f"{where} image")
+    return name
 
 
 def _cap(captions: list[str], limit: int | None) -> list[str]:
@@ -187,6 +195,7 @@ def read_caption_csv(path: Path, max_captions: int | None = None) -> dict[str, l
             image = row[i_img].strip()
             if not image:
                 raise UserError(f"{where} has no image file name; fix or drop that row")
+            _image_name(image, where)
             groups.setdefault(image, []).append(_clean_caption(row[i_cap], where))
     except csv.Error as err:  # a field past the size limit, a stray quote
         raise UserError(
@@ -219,10 +228,13 @@ def _split_sizes(cfg: DictConfig, default: Sequence[int]) -> list[int | None]:
 def read_flickr8k(cfg: DictConfig) -> ImageTextSet:
     """Flickr8k-style folder: `captions.txt` (`image,caption` CSV) + `images/`."""
     root = _flickr8k_root(cfg)
-    groups = read_caption_csv(
-        root / str(_opt(cfg, "captions_file", "captions.txt")), _max_captions(cfg)
+    captions = io.confined(
+        root, str(_opt(cfg, "captions_file", "captions.txt")), "dataset.captions_file"
     )
-    image_dir = _image_dir(root / str(_opt(cfg, "image_dir", "images")), "image_dir")
+    groups = read_caption_csv(captions, _max_captions(cfg))
+    image_dir = _image_dir(
+        io.confined(root, str(_opt(cfg, "image_dir", "images")), "dataset.image_dir"), "image_dir"
+    )
     ids = list(groups)
     parts = split_by_sorted_name(ids, _split_sizes(cfg, (700, 100, 200)))
     limit = _max_images(cfg)
@@ -262,6 +274,7 @@ def read_karpathy(cfg: DictConfig) -> ImageTextSet:
         rel = str(_field(entry, "filename", where))
         if entry.get("filepath"):
             rel = f"{entry['filepath']}/{rel}"
+        _image_name(rel, where)
         sentences = _field(entry, "sentences", where)
         if not isinstance(sentences, list):
             raise UserError(f"{where}: 'sentences' must be a list of {{'raw': ...}} records")
@@ -280,22 +293,38 @@ def read_karpathy(cfg: DictConfig) -> ImageTextSet:
 # --------------------------------------------------------------------------- coco
 
 
+def _list(value: Any, what: str) -> list:
+    if not isinstance(value, list):
+        raise UserError(
+            f"{what} must be a list, not {type(value).__name__}; is this the right file?"
+        )
+    return value
+
+
+def _coco_id(value: Any, where: str) -> int | str:
+    """An image id: a number or a string, as COCO files hold them."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise UserError(f"{where} has image id {value!r}; ids are numbers or strings, fix that row")
+    return value
+
+
 def _read_coco_file(path: Path, key: str, max_captions: int | None) -> dict[str, list[str]]:
     """Captions per image file name from an official captions_*.json, sorted by file name.
 
     Images without any caption (e.g. image_info_test files) are left out.
     """
     data = _load_json(path, "COCO captions", key)
-    images = _field(data, "images", path.name)
-    annotations = _field(data, "annotations", path.name)
+    images = _list(_field(data, "images", path.name), f"{path.name} 'images'")
+    annotations = _list(_field(data, "annotations", path.name), f"{path.name} 'annotations'")
     names: dict[Any, str] = {}
     for n, im in enumerate(images):
         where = f"{path.name} images[{n}]"
-        names[_field(im, "id", where)] = str(_field(im, "file_name", where))
+        image_id = _coco_id(_field(im, "id", where), where)
+        names[image_id] = _image_name(str(_field(im, "file_name", where)), where)
     groups: dict[str, list[str]] = {}
     for n, ann in enumerate(annotations):
         where = f"{path.name} annotations[{n}]"
-        image_id = _field(ann, "image_id", where)
+        image_id = _coco_id(_field(ann, "image_id", where), where)
         if image_id not in names:
             raise UserError(f"{where} refers to image_id {image_id!r}, absent from 'images'")
         groups.setdefault(names[image_id], []).append(
@@ -457,7 +486,10 @@ def _hf_split(cfg: DictConfig, name: str, hub_split: str) -> ImageTextSplit:
     if image_col != "image":
         rows = rows.rename_column(image_col, "image")
     if not isinstance(rows.features["image"], datasets.Image):
-        rows = rows.cast_column("image", datasets.Image())  # e.g. a column of file paths
+        for k, cell in zip(ids, rows["image"], strict=True):  # a column of file paths
+            if isinstance(cell, str):
+                _image_name(cell, f"hub split {hub_split!r} row {first_row[k]}")
+        rows = rows.cast_column("image", datasets.Image())
     rows = rows.add_column("image_id", ids, feature=FEATURES["image_id"])
     rows = rows.add_column("captions", captions, feature=FEATURES["captions"])
     # Source identity + its Arrow files' signatures stand in for per-image file signatures.

@@ -478,9 +478,10 @@ def sweep_report(
     out = Path(out or folder / PAGE)
     sections = _Sections(folder)
     runs = find_runs(folder)
-    if not runs:
-        sections.problems.append(
-            f"{folder}: no runs here (no folder with meta.json, results.json or .hydra/)"
+    if not runs:  # a page that says nothing would pass for a report
+        raise UserError(
+            f"{folder}: no runs here (no folder with meta.json, results.json or .hydra/); "
+            "give a run folder or a sweep folder"
         )
     listing = []
     for run in runs:
@@ -511,9 +512,9 @@ def sweep_report(
     def table_sections() -> str:
         try:
             results, problems = tables.collect([folder])
-        except UserError as err:
+            built = tables.build(results, problems)
+        except UserError as err:  # no usable results, or a seed twice: said, not tabled
             raise Missing(str(err)) from None
-        built = tables.build(results, problems)
         sections.problems.extend(w for w in built.warnings if w.startswith("skipped"))
         warnings = [w for w in built.warnings if not w.startswith("skipped")]
         notes = "".join(f'<p class="note">{escape(w)}</p>' for w in warnings)

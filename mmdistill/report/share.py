@@ -11,7 +11,11 @@ dtypes and shapes, learned step sizes, loss, the set's meta, the job config, rec
 cost), and `README.md` is the dataset card.
 
 `read_set` gives evaluation the exact PairSet back (float32 goes through Arrow bit for bit,
-step sizes through JSON), from such a folder or from a distill run folder.
+step sizes through JSON), from such a folder or from a distill run folder. Either may have been
+edited by hand, so what it claims is checked on load (`validated`): its method is one mmdistill
+has (a set is never scored under a label no method made), its dataset label a plain name,
+floating tensors of another width are cast to float32 (token ids and indices to int64) and any
+other dtype, or a value that is not finite, is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ from mmdistill import __version__, io
 from mmdistill.config import register_resolvers, run_config
 from mmdistill.data.base import ImageTextSplit
 from mmdistill.errors import UserError
+from mmdistill.methods import METHODS
 from mmdistill.models.student import is_image_features
 from mmdistill.report.tables import METRICS
 from mmdistill.report.visuals import denormalise, nearest, nearest_captions, real_train
@@ -151,7 +157,9 @@ def export_hf(run_dir: Path, out: Path | None = None, device: str = "cpu") -> Pa
             f"{run_dir} holds no distilled.safetensors; export reads a distill run folder"
         )
     cfg = run_config(run_dir)
-    pairs = PairSet.load(run_dir / "distilled", fix="restore it from a copy, or distil again")
+    fix = "restore it from a copy, or distil again"
+    pairs = PairSet.load(run_dir / "distilled", fix=fix)
+    check_labels(pairs, run_dir / "distilled.json", fix)  # exported under no label it lacks
     encoder, train, train_images = real_train(cfg, run_dir, device)
     tensors = _tensors(pairs)
     captions = nearest_captions(pairs, train, encoder)
@@ -372,18 +380,70 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def read_set(source: Path) -> PairSet:
-    """The distilled set of a distill run folder or of an `--format hf` export."""
+    """The distilled set of a distill run folder or of an `--format hf` export, validated."""
     if (source / "distilled.safetensors").is_file():
-        return PairSet.load(
-            source / "distilled",
-            fix="restore it from a copy, or distil again into a new run folder",
-        )
+        fix = "restore it from a copy, or distil again into a new run folder"
+        pairs = PairSet.load(source / "distilled", fix=fix)
+        return validated(pairs, source / "distilled.json", fix)
     if is_hf_folder(source):
-        return load_hf(source)
+        return validated(load_hf(source), source / MARKER, REEXPORT)
     raise UserError(
         f"source={source} holds no distilled.safetensors and no Hugging Face export; point it "
         "at a distill run folder or a `mmdistill export --format hf` folder"
     )
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float64)  # cast to float32: no range lost
+INTEGERS = (torch.int8, torch.uint8, torch.int16, torch.int32)  # cast to int64
+IDS, MASKS = (torch.int64,), (torch.int64, torch.bool)
+
+
+def _tensor(name: str, x: Tensor, wanted: tuple, where: Path, fix: str) -> Tensor:
+    """`x` in a dtype evaluation reads (`wanted`): other float widths become float32, smaller
+    integers int64; anything else, or a value that is not finite, is refused."""
+    if x.dtype in FLOATS and torch.float32 in wanted:
+        x = x.float()
+    elif x.dtype in INTEGERS and torch.int64 in wanted:
+        x = x.long()
+    if x.dtype not in wanted:
+        raise io.damaged(where, f"{name} are {str(x.dtype).removeprefix('torch.')}", fix)
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise io.damaged(where, f"{name} hold values that are not finite", fix)
+    return x
+
+
+def validated(pairs: PairSet, where: Path, fix: str) -> PairSet:
+    """A loaded set whose labels and tensors can be trusted: known method, plain dataset name,
+    tensors cast where that is exact (or range-safe) and refused otherwise."""
+    check_labels(pairs, where, fix)
+    if not isinstance(pairs.images, Tensor):
+        return pairs
+    mask, index = pairs.text_mask, pairs.image_index
+    return replace(
+        pairs,
+        images=_tensor("images", pairs.images, (torch.float32,), where, fix),
+        texts=_tensor("texts", pairs.texts, (torch.float32, torch.int64), where, fix),
+        text_mask=None if mask is None else _tensor("text_mask", mask, MASKS, where, fix),
+        image_index=None if index is None else _tensor("image_index", index, IDS, where, fix),
+    )
+
+
+def check_labels(pairs: PairSet, where: Path, fix: str) -> None:
+    """The set's method is one of mmdistill's, its dataset label a plain name."""
+    method = pairs.meta.get("method")
+    if not isinstance(method, str) or method not in METHODS:
+        raise io.damaged(
+            where,
+            f"it names method {method!r}, which is none of mmdistill's "
+            f"({', '.join(METHODS.names())})",
+            fix,
+        )
+    dataset = pairs.meta.get("dataset")
+    if dataset is not None:
+        try:
+            io.plain_name(dataset, "dataset")
+        except UserError:
+            raise io.damaged(where, f"its dataset label {dataset!r} is not a name", fix) from None
 
 
 def source_config(source: Path) -> DictConfig:

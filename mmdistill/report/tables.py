@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 from mmdistill.errors import UserError
 from mmdistill.methods import METHODS
+from mmdistill.runs import check_folders
 from mmdistill.training import cost
 
 METRICS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
@@ -222,14 +223,19 @@ def _read_result(path: Path) -> Result:
     students = data.get("students")
     if not isinstance(students, list) or not students:
         raise ValueError("no per-student recalls ('students' missing or empty)")
-    for s in students:
+    for k, s in enumerate(students):
         bad = [m for m in METRICS if not isinstance(s, dict) or not _is_number(s.get(m))]
         if bad:
             raise ValueError(f"a student lacks numeric {', '.join(bad)}")
+        wrong = [f"{m}={s[m]}" for m in METRICS if not 0 <= s[m] <= 100]
+        if wrong:
+            raise ValueError(f"student {k} has recalls outside [0, 100] ({', '.join(wrong)})")
     for key in ("verb", "method", "pairs", "dataset", "encoder"):
         if key not in data:
             raise ValueError(f"'{key}' missing")
     verb, method = str(data["verb"]), str(data["method"])
+    if verb != "train" and method not in METHODS:  # a label no method made is not tabled
+        raise ValueError(f"method {method!r} is none of mmdistill's")
     switches = {"dataset": str(data["dataset"]), "encoder": str(data["encoder"])}
     noise = data.get("noise") or {"name": "none"}
     switches["noise"] = str(noise.get("name", "none"))
@@ -313,9 +319,12 @@ def collect(folders: list[Path]) -> tuple[list[Result], list[str]]:
                 problems.append(f"skipped {path}: {err}")
     if not results:
         where = ", ".join(str(f) for f in folders)
+        why = [p for p in problems if p.startswith("skipped")]
+        more = f" (and {len(why) - 1} more)" if len(why) > 1 else ""
         raise UserError(
-            f"no readable results.json under {where}; point at sweep or run folders of "
-            "finished `mmdistill distill` / `train` runs"
+            f"no readable results.json under {where}"
+            + (f": {why[0]}{more}" if why else "")
+            + "; point at sweep or run folders of finished `mmdistill distill` / `train` runs"
         )
     return results, problems
 
@@ -334,15 +343,15 @@ def method_rank(method: str) -> tuple[int, str]:
 def build(
     results: list[Result], problems: list[str] | None = None, columns: tuple[str, ...] = METRICS
 ) -> Table:
-    """Group results into rows x budgets, drop duplicate seeds, name the switches that vary."""
+    """Group results into rows x budgets (a seed twice is refused), name the switches that vary."""
     warnings = list(problems or [])
     by_seed: dict[tuple, Result] = {}
     for r in sorted(results, key=lambda r: r.mtime):
         key = (r.row, r.budget, r.seed)
-        if key in by_seed:
-            warnings.append(
-                f"warning: {r.path} repeats {r.method} seed {r.seed} of {by_seed[key].path}; "
-                "using the newer"
+        if key in by_seed:  # which one counts is not ours to guess
+            raise UserError(
+                f"{r.path} repeats {r.method} seed {r.seed} of {by_seed[key].path} (same "
+                "settings and budget); move one of them out of the folders tabled"
             )
         by_seed[key] = r
     commits = sorted({r.commit for r in by_seed.values() if r.commit})
@@ -762,6 +771,7 @@ def print_rich(table: Table) -> None:
 def write(table: Table, out: Path) -> list[Path]:
     from mmdistill import io
 
+    check_folders({"--out": out})
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "table.md", out / "table.csv", out / "table.tex", out / "recall_vs_pairs.png"]
     io.write_text(files[0], markdown(table))
@@ -771,6 +781,12 @@ def write(table: Table, out: Path) -> list[Path]:
     return files
 
 
+def check_into(doc: Path) -> None:
+    """`--into` names a Markdown document: never a folder, nor a run's JSON or tensors."""
+    if doc.is_dir() or doc.suffix.lower() not in (".md", ".markdown"):
+        raise UserError(f"--into {doc} is not a Markdown document (.md); give the one to update")
+
+
 def update_section(doc: Path, name: str, text: str) -> None:
     """Replace the generated section `name` of a Markdown document (appended if absent)."""
     from mmdistill import io
@@ -778,7 +794,8 @@ def update_section(doc: Path, name: str, text: str) -> None:
     begin = f"<!-- BEGIN generated: {name} (mmdistill table --into; edits here are replaced) -->"
     end = f"<!-- END generated: {name} -->"
     block = f"{begin}\n{text.rstrip()}\n{end}"
-    old = doc.read_text() if doc.is_file() else ""
+    check_into(doc)
+    old = io.read_text(doc, fix="re-save it as UTF-8") if doc.is_file() else ""
     if begin in old and end in old:
         head, rest = old.split(begin, 1)
         new = head + block + rest.split(end, 1)[1]

@@ -101,19 +101,35 @@ def trunk_key(encoder: Encoder, which: str) -> str:
 
 def _cached(path: Path, compute: Callable[[], Tensor], rows: int) -> Tensor:
     """The cache entry at `path`, or `compute()` saved there. A damaged entry (unreadable,
-    not `rows` finite feature rows) is rebuilt with one warning line, so it never blocks."""
-    if path.is_file():
-        try:
-            x = io.load_tensors(path, fix="rebuilding it", need=("x",))["x"]
-            if x.dim() != 2 or x.shape[0] != rows or not bool(torch.isfinite(x).all()):
-                why = f"{list(x.shape)} features, or not finite, for {rows} rows"
-                raise io.damaged(path, why, "rebuilding it")
-            return x
-        except UserError as err:
-            log.warning("feature cache: %s", err)
-    x = compute()
-    io.save_tensors(path, {"x": x})
+    not `rows` finite feature rows) is rebuilt with one warning line, so it never blocks. The
+    entry's lock is held while it is computed: a second run needing it waits and loads it."""
+    found = _usable(path, rows, warn=False)
+    if found is not None:
+        return found
+    with io.entry_lock(path):
+        found = _usable(path, rows, warn=True)
+        if found is not None:
+            return found
+        x = compute()
+        io.save_tensors(path, {"x": x})
     return x
+
+
+def _usable(path: Path, rows: int, warn: bool) -> Tensor | None:
+    """The entry when it exists and holds `rows` finite feature rows; None otherwise (with a
+    warning when `warn` and it was there but damaged)."""
+    if not path.is_file():
+        return None
+    try:
+        x = io.load_tensors(path, fix="rebuilding it", need=("x",))["x"]
+        if x.dim() != 2 or x.shape[0] != rows or not bool(torch.isfinite(x).all()):
+            why = f"{list(x.shape)} features, or not finite, for {rows} rows"
+            raise io.damaged(path, why, "rebuilding it")
+        return x
+    except UserError as err:
+        if warn:
+            log.warning("feature cache: %s", err)
+    return None
 
 
 def _task(progress: Progress | None, label: str, total: int) -> Callable[[int], None] | None:
@@ -182,6 +198,9 @@ def real_split(
     """One split: cached frozen-trunk features, or a pixel store; caption features or token
     ids. `workers` decode images into the image cache when it is built."""
     cache_dir = Path(cache_dir).expanduser()
+    io.plain_name(dataset_name, "dataset.name")  # it names the cache's files
+    for folder in (cache_dir, cache_dir / "images"):  # entries a killed run was writing
+        io.remove_stale_partials(folder)
     images_cache = ImageCache(split, encoder.pixels, cache_dir, dataset_name, workers)
     images: Tensor | PixelStore
     if encoder.image_space == "feature":
