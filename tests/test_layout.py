@@ -95,8 +95,8 @@ def test_the_checker_sees_function_level_imports_and_cycles(tmp_path: Path) -> N
 
 
 def test_the_readme_layout_names_every_module_once() -> None:
-    """README's Layout section draws the floors one line per module: it must match the tree."""
-    readme = (PACKAGE.parent / "README.md").read_text()
+    """docs/layout.md's Layout draws the floors one line per module: it must match the tree."""
+    readme = (PACKAGE.parent / "docs" / "layout.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```", 2)[1]
     listed, folder = [], ""
     for line in block.splitlines():
@@ -111,6 +111,6 @@ def test_the_readme_layout_names_every_module_once() -> None:
         - set(listed)
         - {"__init__.py", "training/__init__.py", "report/__init__.py", "models/__init__.py"}
     )
-    assert not missing, f"modules not in README's Layout: {sorted(missing)}"
-    assert not set(listed) - set(actual), "README's Layout names modules that do not exist"
+    assert not missing, f"modules not in docs/layout.md's Layout: {sorted(missing)}"
+    assert not set(listed) - set(actual), "docs/layout.md's Layout names modules that do not exist"
     assert len(listed) == len(set(listed))
