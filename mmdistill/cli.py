@@ -19,6 +19,7 @@ from pathlib import Path
 from mmdistill import config, io, relaunch, runs, schema
 from mmdistill.config import conf_dir, register_resolvers
 from mmdistill.errors import UserError
+from mmdistill.methods import settings as _units  # noqa: F401  (registers the schema's units)
 from mmdistill.sweeps import check_sweep_dirs, check_sweep_subdir, job_args
 
 JOB_VERBS = ("distill", "train", "evaluate", "buffer")

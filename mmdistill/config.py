@@ -157,6 +157,25 @@ def job_configs(verb: str, args: list[str], check: bool = True) -> list[DictConf
     return configs
 
 
+def method_presets(conf: Path | None = None) -> dict[str, str]:
+    """Every method preset of the config tree (conf/method/*.yaml): its label (`name`) and the
+    family it runs, each read from the file or, where the file leaves it to a preset it
+    extends (`defaults: [covmatch]`), from that one, as Hydra composes them. Tables and shared
+    sets accept these labels."""
+    folder = (conf or conf_dir()) / "method"
+    fix = "repair the method preset"
+    raw = {p.stem: io.read_yaml(p, fix=fix) or {} for p in sorted(folder.glob("*.yaml"))}
+
+    def value(stem: str, key: str, seen: tuple[str, ...] = ()) -> str | None:
+        tree = raw.get(stem, {})
+        if key in tree or stem in seen:
+            return tree.get(key)
+        bases = [d for d in tree.get("defaults", []) if isinstance(d, str) and d in raw]
+        return value(bases[-1], key, (*seen, stem)) if bases else None
+
+    return {str(value(s, "name") or s): str(value(s, "family")) for s in raw}
+
+
 def run_config(run_dir: Path) -> DictConfig:
     """The composed config a run folder was made with (`.hydra/config.yaml`)."""
     saved = Path(run_dir) / ".hydra" / "config.yaml"

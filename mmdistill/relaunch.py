@@ -37,6 +37,10 @@ from mmdistill.errors import UserError
 NEUTRAL = ("device", "threads", "resume", "run_name", "eval.workers", "paths")
 RESUMABLE = ("method", "expert")  # but not method.name
 PROTOCOL = ("eval",)
+# Keys added to the configs after folders were made without them, each a function of keys
+# those folders do record (a preset's family follows from its name): absent in an older
+# folder, they are no difference.
+ADDED = ("method.family",)
 SHOWN = 3  # differing keys named in a message
 LOCK = ".lock"  # in the run folder: holds the pid of the process working there
 
@@ -107,7 +111,9 @@ def differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     a, b = _flat(old), _flat(new)
     keys = sorted(set(a) | set(b))
     return {
-        k: (a.get(k), b.get(k)) for k in keys if not _under(k, NEUTRAL) and a.get(k) != b.get(k)
+        k: (a.get(k), b.get(k))
+        for k in keys
+        if not _under(k, NEUTRAL) and a.get(k) != b.get(k) and not (k in ADDED and k not in a)
     }
 
 

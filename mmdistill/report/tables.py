@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mmdistill.errors import UserError
-from mmdistill.methods import METHODS
+from mmdistill.methods import presets
 from mmdistill.runs import check_folders
 from mmdistill.training import cost
 
@@ -234,7 +234,7 @@ def _read_result(path: Path) -> Result:
         if key not in data:
             raise ValueError(f"'{key}' missing")
     verb, method = str(data["verb"]), str(data["method"])
-    if verb != "train" and method not in METHODS:  # a label no method made is not tabled
+    if verb != "train" and method not in presets():  # a label no method made is not tabled
         raise ValueError(f"method {method!r} is none of mmdistill's")
     switches = {"dataset": str(data["dataset"]), "encoder": str(data["encoder"])}
     noise = data.get("noise") or {"name": "none"}
@@ -330,9 +330,9 @@ def collect(folders: list[Path]) -> tuple[list[Result], list[str]]:
 
 
 def method_rank(method: str) -> tuple[int, str]:
-    """The papers' order (coresets, then distillation methods: the method table's order);
+    """The papers' order (coresets, then distillation methods: the presets' order, by family);
     unknown names alphabetically after them, full data last."""
-    order = METHODS.names()
+    order = presets()
     if method == FULL:
         return len(order) + 1, method
     if method in order:
