@@ -115,6 +115,7 @@ def _job_app(verb: str) -> Callable[[], None]:
 
         from mmdistill.console import console
         from mmdistill.jobs import JOBS, resolve_device
+        from mmdistill.methods import settings as _in_worker  # noqa: F401  (registers units there)
         from mmdistill.runs import record_failure
         from mmdistill.training import precision
 

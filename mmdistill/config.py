@@ -14,6 +14,30 @@ from mmdistill import io, schema
 from mmdistill.errors import UserError
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+# THE list of neutral keys: settings that do not change what a job computes (where it runs,
+# how many threads and workers, where files go, what watches it), so they name no run or
+# sweep folder (sweeps.sweep_name, conf/hydra/default.yaml's exclude_keys, which
+# tests/test_settings.py checks against this) and a relaunch may change them (relaunch.py);
+# tables do not split columns by them. `hydra.*` overrides are neutral too (sweeps.py).
+NEUTRAL = (
+    "device",
+    "resume",
+    "threads",
+    "data_workers",
+    "run_name",
+    "paths.output_dir",
+    "paths.cache_dir",
+    "paths.data_dir",
+    "eval.workers",
+    "eval.together",
+    "logger",
+    "logger.name",
+    "logger.online",
+    "logger.project",
+    "logger.entity",
+    "logger.dir",
+    "monitor.val_every",
+)
 
 
 def conf_dir() -> Path:

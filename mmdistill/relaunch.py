@@ -32,9 +32,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mmdistill import io, schema
+from mmdistill.config import NEUTRAL
 from mmdistill.errors import UserError
 
-NEUTRAL = ("device", "threads", "resume", "run_name", "eval.workers", "paths")
 RESUMABLE = ("method", "expert")  # but not method.name
 PROTOCOL = ("eval",)
 # Keys added to the configs after folders were made without them, each a function of keys

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mmdistill.config import NEUTRAL
 from mmdistill.errors import UserError
 from mmdistill.methods import presets
 from mmdistill.runs import check_folders
@@ -27,8 +28,11 @@ from mmdistill.training import cost
 
 METRICS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
 FULL = "full data"
-# Recorded protocol fields that do not change the numbers.
-NEUTRAL_PROTOCOL = ("name", "students", "workers", "together")
+# Eval keys that do not split columns: the neutral ones (config.NEUTRAL), and the protocol's
+# label and student count (a row reports its students' mean and spread).
+NEUTRAL_PROTOCOL = ("name", "students") + tuple(
+    k.split(".", 1)[1] for k in NEUTRAL if k.startswith("eval.")
+)
 
 
 @dataclass
