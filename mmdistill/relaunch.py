@@ -35,7 +35,7 @@ from mmdistill import io, schema
 from mmdistill.config import NEUTRAL
 from mmdistill.errors import UserError
 
-RESUMABLE = ("method", "expert")  # but not method.name
+RESUMABLE = ("method", "expert")  # but not method.name or method.family
 PROTOCOL = ("eval",)
 # Keys added to the configs after folders were made without them, each a function of keys
 # those folders do record (a preset's family follows from its name): absent in an older
@@ -188,7 +188,7 @@ def check(run_dir: Path, cfg: DictConfig | dict, resuming: bool) -> Relaunch:
             "settings to change, or give a new hydra.run.dir"
         )
     fixed = {k: v for k, v in diff.items() if not _under(k, RESUMABLE + PROTOCOL)}
-    fixed.update({k: v for k, v in diff.items() if k == "method.name"})
+    fixed.update({k: v for k, v in diff.items() if k in ("method.name", "method.family")})
     if fixed:
         raise RunConflict(
             f"resume={run_dir} cannot change {', '.join(fixed)} ({describe(fixed)}): a run "

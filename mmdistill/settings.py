@@ -238,7 +238,8 @@ def cast(rule: Rule, value: Any) -> Any:
 def from_cfg(cls: type[S], cfg: Mapping | DictConfig | None, prefix: str = "") -> S:
     """The typed instance of `cls` read from a config node, each value checked against its
     rule (the same one-line errors as the schema) and cast; `prefix` names the node's keys in
-    those errors (`method.`)."""
+    those errors (`method.`). Keys the class does not declare are left to the schema, which
+    refuses unknown ones before any job starts."""
     node = cfg if cfg is not None else {}
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):

@@ -158,3 +158,13 @@ def test_neutral_keys_name_no_sweep_and_block_no_relaunch() -> None:
     new = {"data_workers": 2, "logger": {"name": "wandb"}, "method": {"name": "random"}}
     assert relaunch.differences(old, new) == {}
     assert relaunch.differences(old, {**new, "seed": 1}) == {"seed": (None, 1)}
+
+
+def test_a_folder_made_before_families_is_the_same_run() -> None:
+    """Run folders saved before `method.family` existed relaunch as before."""
+    from mmdistill import relaunch
+
+    new = {"method": {"name": "covmatch", "family": "covmatch"}}
+    assert relaunch.differences({"method": {"name": "covmatch"}}, new) == {}
+    other = {"method": {"name": "covmatch", "family": "lors"}}
+    assert relaunch.differences(other, new) == {"method.family": ("lors", "covmatch")}
