@@ -28,13 +28,16 @@ from mmdistill.settings import (
     shown,
 )
 
+# The label noises (data/noise.py applies them).
+NOISES = ("none", "shuffle")
+
 
 @register("noise.")
 @settings
 class Noise:
     """Which label noise corrupts the training pairs, and how many of them."""
 
-    name: str = setting(Choice("none", "shuffle"))
+    name: str = setting(Choice(*NOISES))
     ratio: float = setting(FRACTION)
 
 
