@@ -19,6 +19,7 @@ from pathlib import Path
 from mmdistill import config, io, relaunch, runs, schema
 from mmdistill.config import conf_dir, register_resolvers
 from mmdistill.errors import UserError
+from mmdistill.methods import settings as _units  # noqa: F401  (registers the schema's units)
 from mmdistill.sweeps import check_sweep_dirs, check_sweep_subdir, job_args
 
 JOB_VERBS = ("distill", "train", "evaluate", "buffer")
@@ -114,6 +115,7 @@ def _job_app(verb: str) -> Callable[[], None]:
 
         from mmdistill.console import console
         from mmdistill.jobs import JOBS, resolve_device
+        from mmdistill.methods import settings as _in_worker  # noqa: F401  (registers units there)
         from mmdistill.runs import record_failure
         from mmdistill.training import precision
 

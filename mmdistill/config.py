@@ -14,6 +14,30 @@ from mmdistill import io, schema
 from mmdistill.errors import UserError
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
+# THE list of neutral keys: settings that do not change what a job computes (where it runs,
+# how many threads and workers, where files go, what watches it), so they name no run or
+# sweep folder (sweeps.sweep_name, conf/hydra/default.yaml's exclude_keys, which
+# tests/test_settings.py checks against this) and a relaunch may change them (relaunch.py);
+# tables do not split columns by them. `hydra.*` overrides are neutral too (sweeps.py).
+NEUTRAL = (
+    "device",
+    "resume",
+    "threads",
+    "data_workers",
+    "run_name",
+    "paths.output_dir",
+    "paths.cache_dir",
+    "paths.data_dir",
+    "eval.workers",
+    "eval.together",
+    "logger",
+    "logger.name",
+    "logger.online",
+    "logger.project",
+    "logger.entity",
+    "logger.dir",
+    "monitor.val_every",
+)
 
 
 def conf_dir() -> Path:
@@ -155,6 +179,25 @@ def job_configs(verb: str, args: list[str], check: bool = True) -> list[DictConf
                 schema.check(cfg, verb)
             configs.append(cfg)
     return configs
+
+
+def method_presets(conf: Path | None = None) -> dict[str, str]:
+    """Every method preset of the config tree (conf/method/*.yaml): its label (`name`) and the
+    family it runs, each read from the file or, where the file leaves it to a preset it
+    extends (`defaults: [covmatch]`), from that one, as Hydra composes them. Tables and shared
+    sets accept these labels."""
+    folder = (conf or conf_dir()) / "method"
+    fix = "repair the method preset"
+    raw = {p.stem: io.read_yaml(p, fix=fix) or {} for p in sorted(folder.glob("*.yaml"))}
+
+    def value(stem: str, key: str, seen: tuple[str, ...] = ()) -> str | None:
+        tree = raw.get(stem, {})
+        if key in tree or stem in seen:
+            return tree.get(key)
+        bases = [d for d in tree.get("defaults", []) if isinstance(d, str) and d in raw]
+        return value(bases[-1], key, (*seen, stem)) if bases else None
+
+    return {str(value(s, "name") or s): str(value(s, "family")) for s in raw}
 
 
 def run_config(run_dir: Path) -> DictConfig:

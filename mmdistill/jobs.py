@@ -172,7 +172,7 @@ def _write_curve(run: Run, stream: str, curve: list[dict]) -> None:
 
 def distill(cfg: DictConfig, run_dir: Path, device: str) -> None:
     run = Run(run_dir, "distill", device, int(cfg.seed))
-    method = get_method(cfg.method.name)(cfg.method)  # checks its settings before any data
+    method = get_method(cfg.method.family)(cfg.method)  # checks its settings before any data
     with progress_bar() as progress:
         prep = prepare(
             cfg, device, run, progress, check=lambda d: resolve_budget(cfg.budget, d.train.n_pairs)

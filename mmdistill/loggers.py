@@ -18,8 +18,28 @@ from typing import Any
 
 from mmdistill.errors import UserError
 from mmdistill.metrics import FILE, add_sink, read, remove_sink, values
+from mmdistill.settings import BOOL, MAYBE_TEXT, TEXT, NoKeys, register, setting, settings
 
 LOGGERS = ("none", "tensorboard", "wandb")
+register("logger.", "logger.name", "none")(NoKeys)
+
+
+@register("logger.", "logger.name", "tensorboard")
+@settings
+class TensorBoardSettings:
+    """Where in the run folder TensorBoard writes its event files."""
+
+    dir: str = setting(TEXT)
+
+
+@register("logger.", "logger.name", "wandb")
+@settings
+class WandbSettings:
+    """The Weights & Biases project a run logs to, and whether it syncs as it runs."""
+
+    online: bool = setting(BOOL)
+    project: str = setting(TEXT)
+    entity: str | None = setting(MAYBE_TEXT)
 
 
 class TensorBoard:

@@ -32,11 +32,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mmdistill import io, schema
+from mmdistill.config import NEUTRAL
 from mmdistill.errors import UserError
 
-NEUTRAL = ("device", "threads", "resume", "run_name", "eval.workers", "paths")
-RESUMABLE = ("method", "expert")  # but not method.name
+RESUMABLE = ("method", "expert")  # but not method.name or method.family
 PROTOCOL = ("eval",)
+# Keys added to the configs after folders were made without them, each a function of keys
+# those folders do record (a preset's family follows from its name): absent in an older
+# folder, they are no difference.
+ADDED = ("method.family",)
 SHOWN = 3  # differing keys named in a message
 LOCK = ".lock"  # in the run folder: holds the pid of the process working there
 
@@ -107,7 +111,9 @@ def differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     a, b = _flat(old), _flat(new)
     keys = sorted(set(a) | set(b))
     return {
-        k: (a.get(k), b.get(k)) for k in keys if not _under(k, NEUTRAL) and a.get(k) != b.get(k)
+        k: (a.get(k), b.get(k))
+        for k in keys
+        if not _under(k, NEUTRAL) and a.get(k) != b.get(k) and not (k in ADDED and k not in a)
     }
 
 
@@ -182,7 +188,9 @@ def check(run_dir: Path, cfg: DictConfig | dict, resuming: bool) -> Relaunch:
             "settings to change, or give a new hydra.run.dir"
         )
     fixed = {k: v for k, v in diff.items() if not _under(k, RESUMABLE + PROTOCOL)}
-    fixed.update({k: v for k, v in diff.items() if k == "method.name"})
+    fixed.update({k: v for k, v in diff.items() if k in ("method.name", "method.family")})
+    if "method.name" in fixed:  # another preset: its family follows from its name
+        fixed.pop("method.family", None)
     if fixed:
         raise RunConflict(
             f"resume={run_dir} cannot change {', '.join(fixed)} ({describe(fixed)}): a run "

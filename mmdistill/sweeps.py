@@ -25,13 +25,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mmdistill import io
-from mmdistill.config import MULTIRUN_FLAGS, register_resolvers
+from mmdistill.config import MULTIRUN_FLAGS, NEUTRAL, register_resolvers
 from mmdistill.errors import UserError
 
-# Overrides that do not change what a job computes, so they do not name its folder.
-NEUTRAL_KEYS = ("device", "resume", "threads", "eval.workers", "eval.together")
-# Experiment loggers and val checks for curves watch a job without changing its results.
-NEUTRAL_KEYS += ("logger", "logger.online", "logger.project", "monitor.val_every")
 SLUG_CHARS = 80
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher"
 
@@ -89,7 +85,7 @@ def sweep_name(args: list[str]) -> str:
     overrides = sorted(
         _canonical(a)
         for a in args
-        if "=" in a and not a.startswith("-") and not _is_hydra(a) and _key(a) not in NEUTRAL_KEYS
+        if "=" in a and not a.startswith("-") and not _is_hydra(a) and _key(a) not in NEUTRAL
     )
     digest = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
     parts = []

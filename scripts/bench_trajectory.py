@@ -58,7 +58,7 @@ def child(overrides: list[str], threads: int) -> dict:
         run = Run(Path(tmp), "distill", "cpu", 0)
         prep = prepare(cfg, "cpu", run, None)
         ctx = distill_context(cfg, prep, int(cfg.budget.pairs), "cpu", run, None)
-        method = get_method(cfg.method.name)(cfg.method)
+        method = get_method(cfg.method.family)(cfg.method)
         before = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
         t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def main() -> None:
             )
             for f in (Path(tmp) / "m" / "checkpoints").glob("*"):
                 f.unlink()  # every candidate starts fresh
-            pairs = get_method(method)(c.method).distill(ctx)
+            pairs = get_method(c.method.family)(c.method).distill(ctx)
             return run_protocol(prep.encoder, pairs, c.eval, split, None, "cpu", 0).summary[
                 "r_mean"
             ]["mean"]

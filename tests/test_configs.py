@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from mmdistill import schema
 from mmdistill.config import conf_dir, register_resolvers
+from mmdistill.methods import settings as _units  # noqa: F401  (registers the schema's units)
 
 CONF = conf_dir()
 GROUPS = ("dataset", "encoder", "method", "noise", "eval", "debug")

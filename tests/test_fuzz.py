@@ -23,7 +23,7 @@ from PIL import Image
 
 from mmdistill.data.readers import read_caption_csv, read_coco, read_karpathy
 from mmdistill.errors import UserError
-from mmdistill.methods import METHODS
+from mmdistill.methods import presets
 from mmdistill.report import share, tables
 from mmdistill.training.pairs import PairSet
 
@@ -210,6 +210,6 @@ def test_distilled_sets(
         except UserError as err:
             assert "\n" not in str(err)
             return
-        assert pairs.meta["method"] in METHODS
+        assert pairs.meta["method"] in presets()
         assert pairs.images.dtype == torch.float32 and bool(torch.isfinite(pairs.images).all())
         assert pairs.texts.dtype in (torch.float32, torch.int64)

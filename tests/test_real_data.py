@@ -79,7 +79,7 @@ class Bench:
         p = self.prep
         run = Run(self.run.path / f"{method}-{seed}", "distill", "cpu", 0)  # own checkpoints
         ctx = distill_context(cfg, p, PAIRS, "cpu", run, None)
-        pairs = get_method(method)(cfg.method).distill(ctx)
+        pairs = get_method(cfg.method.family)(cfg.method).distill(ctx)
         res = run_protocol(p.encoder, pairs, cfg.eval, p.test, p.val, "cpu", 0)
         return res.summary["r_mean"]["mean"], pairs
 

@@ -68,7 +68,7 @@ def prepared_context(run_dir: Path, cfg: DictConfig) -> tuple[DistillContext, Pr
 
 def distill(run_dir: Path, cfg: DictConfig) -> tuple[PairSet, DistillContext]:
     ctx = context(run_dir, cfg)
-    return get_method(cfg.method.name)(cfg.method).distill(ctx), ctx
+    return get_method(cfg.method.family)(cfg.method).distill(ctx), ctx
 
 
 # ------------------------------------------------------------------ first-order gradient
@@ -179,7 +179,7 @@ def test_matching_loss_falls(tmp_path: Path) -> None:
     """Distillation lowers the matching loss over every (expert, start epoch) it can draw."""
     cfg = compose_cfg("method=mtt", *FEATURE, "method.iterations=30", "method.eval_every=0")
     ctx = context(tmp_path / "run", cfg)
-    method = get_method("mtt")(cfg.method)
+    method = get_method("trajectory")(cfg.method)
     pairs = method.distill(ctx)
     from mmdistill.training.experts import Buffer
 
@@ -223,7 +223,7 @@ def test_non_finite_loss_keeps_the_last_good_set(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(TrajectoryMatching, "grad_first_order", flaky)
     ctx = context(tmp_path / "run", cfg)
     with pytest.raises(UserError, match=r"iteration 3.*lower method\.lr_img / method\.lr_txt"):
-        get_method("tesla")(cfg.method).distill(ctx)
+        get_method("trajectory")(cfg.method).distill(ctx)
     good = PairSet.load(ctx.run.path / "distilled")  # the last checkpoint, flagged partial
     assert good.partial and good.meta["partial"]["stopped_at"] == 3
     tensors, state = ctx.run.load_checkpoint("trajectory")
@@ -235,7 +235,7 @@ def test_blown_up_step_size_stops_with_a_hint(tmp_path: Path) -> None:
     cfg = compose_cfg("method=mtt", *FEATURE, "method.lr_teacher=1e30", "method.eval_every=0")
     ctx = context(tmp_path / "run", cfg)
     with pytest.raises(UserError, match="stopped at iteration 1: .*(finite|reach)"):
-        get_method("mtt")(cfg.method).distill(ctx)
+        get_method("trajectory")(cfg.method).distill(ctx)
     good = PairSet.load(ctx.run.path / "distilled")
     assert good.partial and torch.isfinite(good.images).all()
 
@@ -248,7 +248,7 @@ def test_finite_divergence_stops_at_the_range_bound(tmp_path: Path) -> None:
     )
     ctx = context(tmp_path / "run", cfg)
     with pytest.raises(UserError, match=r"synthetic (images|texts) reach \|x\|.*marked partial"):
-        get_method("tesla")(cfg.method).distill(ctx)
+        get_method("trajectory")(cfg.method).distill(ctx)
     good = PairSet.load(ctx.run.path / "distilled")
     start = ctx.train.images.abs().max()
     assert good.partial and good.images.abs().max() <= 100 * start
@@ -358,7 +358,7 @@ def test_repblend_presets_freeze_the_image_trunk_and_use_their_own_protocol(data
 def test_repblend_needs_frozen_trunks(tmp_path: Path) -> None:
     ctx = context(tmp_path, compose_cfg("method=repblend"))  # tiny trains both trunks
     with pytest.raises(UserError, match="train_image_trunk=false") as err:
-        get_method("repblend")(compose_cfg("method=repblend").method).distill(ctx)
+        get_method("lors")(compose_cfg("method=repblend").method).distill(ctx)
     assert "\n" not in str(err.value)
 
 

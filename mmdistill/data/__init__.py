@@ -1,28 +1,26 @@
 """Dataset readers by name: `build_dataset(cfg.dataset)` is the one entry point; the config's
-`reader` key picks from the explicit table below."""
+`reader` key picks from the explicit table in `mmdistill/data/readers.py`.
 
-from omegaconf import DictConfig
+The names below load on first use (PEP 562), so importing a light module of this package
+(`mmdistill.data.settings`, which the schema reads before every job) does not import the
+readers' image and hub libraries.
+"""
 
-from mmdistill.data.base import ImageTextSet, ImageTextSplit
-from mmdistill.data.readers import read_coco, read_flickr8k, read_hf, read_karpathy
-from mmdistill.data.shapes import read_shapes
-from mmdistill.registry import Registry
+from __future__ import annotations
 
-READERS: Registry = Registry(
-    "dataset reader",
-    {
-        "shapes": read_shapes,
-        "flickr8k": read_flickr8k,
-        "karpathy": read_karpathy,
-        "coco": read_coco,
-        "hf": read_hf,
-    },
-)
+from typing import Any
 
 
-def build_dataset(cfg: DictConfig) -> ImageTextSet:
-    """Read the dataset a `dataset/*.yaml` config describes."""
-    return READERS.get(cfg.reader)(cfg)
+def __getattr__(name: str) -> Any:
+    if name in ("READERS", "build_dataset"):
+        from mmdistill.data import readers
+
+        return getattr(readers, name)
+    if name in ("ImageTextSet", "ImageTextSplit"):
+        from mmdistill.data import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["READERS", "ImageTextSet", "ImageTextSplit", "build_dataset"]

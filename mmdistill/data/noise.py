@@ -30,9 +30,10 @@ from torch import Tensor
 
 from mmdistill import io
 from mmdistill.data.base import ImageTextSet, ImageTextSplit
+from mmdistill.data.settings import NOISES, Noise, ShuffleNoise
 from mmdistill.errors import UserError
+from mmdistill.settings import from_cfg
 
-NOISES = ("none", "shuffle")
 MASK_FILE = "noise.safetensors"
 INFO_FILE = "noise.json"
 
@@ -55,23 +56,14 @@ def apply_noise(data: ImageTextSet, cfg: DictConfig) -> tuple[ImageTextSet, Nois
         return data, None
     if name != "shuffle":
         raise UserError(f"unknown noise {name!r}; choose one of: {', '.join(NOISES)}")
-    ratio, seed = _check(data, cfg)
-    train, mask = shuffle_captions(data.train, ratio, seed)
+    noise = from_cfg(Noise, cfg, "noise.")  # checked with the schema's messages
+    seed = from_cfg(ShuffleNoise, cfg, "noise.").seed
+    _check(data)
+    train, mask = shuffle_captions(data.train, noise.ratio, seed)
     return ImageTextSet(name=data.name, train=train, val=data.val, test=data.test), mask
 
 
-def _check(data: ImageTextSet, cfg: DictConfig) -> tuple[float, int]:
-    try:
-        ratio = float(cfg.ratio)
-    except (TypeError, ValueError):
-        raise UserError(
-            f"noise.ratio={cfg.ratio!r} is not a number; use e.g. noise.ratio=0.5"
-        ) from None
-    if not 0.0 <= ratio < 1.0:
-        raise UserError(
-            f"noise.ratio={ratio} is outside [0, 1): it is the fraction of training images whose "
-            "captions are shuffled; use e.g. noise.ratio=0.5"
-        )
+def _check(data: ImageTextSet) -> None:
     per_image = np.bincount(data.train.caption_image, minlength=data.train.n_images)
     if per_image.max() <= 1:
         raise UserError(
@@ -79,7 +71,6 @@ def _check(data: ImageTextSet, cfg: DictConfig) -> tuple[float, int]:
             f"shuffles caption lists of Flickr30K / COCO images), but {data.name}'s training split "
             "has one caption per image; use a dataset with several (or raise dataset.max_captions)"
         )
-    return ratio, int(cfg.get("seed", 0))
 
 
 def shuffle_captions(

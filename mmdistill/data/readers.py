@@ -34,7 +34,9 @@ from mmdistill.data.base import (
     split_by_sorted_name,
     split_from_records,
 )
+from mmdistill.data.shapes import read_shapes
 from mmdistill.errors import UserError
+from mmdistill.registry import Registry
 
 FLICKR8K_ENV = "MMDISTILL_FLICKR8K"
 DEFAULT_HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -514,3 +516,20 @@ def read_hf(cfg: DictConfig) -> ImageTextSet:
     splits = {s: _hf_split(cfg, s, names[s]) for s in SPLITS}
     default_label = str(cfg.path).rstrip("/").split("/")[-1]
     return ImageTextSet(name=str(_opt(cfg, "name", default_label)), **splits)
+
+
+READERS: Registry = Registry(
+    "dataset reader",
+    {
+        "shapes": read_shapes,
+        "flickr8k": read_flickr8k,
+        "karpathy": read_karpathy,
+        "coco": read_coco,
+        "hf": read_hf,
+    },
+)
+
+
+def build_dataset(cfg: DictConfig) -> ImageTextSet:
+    """Read the dataset a `dataset/*.yaml` config describes (its `reader` picks the reader)."""
+    return READERS.get(cfg.reader)(cfg)

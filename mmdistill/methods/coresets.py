@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
-from mmdistill.errors import UserError
+from mmdistill.methods import settings
 from mmdistill.methods.base import DistillContext
 from mmdistill.models.encoders import Tokens
 from mmdistill.models.student import Student, is_image_features, is_text_features
+from mmdistill.settings import from_cfg
 from mmdistill.training.losses import LOSSES
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.trainer import Batches, Recipe, Trainer
@@ -136,9 +137,7 @@ class KCenter:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        if cfg.start not in ("random", "mean"):
-            raise UserError(f"method.start={cfg.start!r}: choose random or mean")
-        self.cfg = cfg
+        self.cfg = from_cfg(settings.KCenter, cfg, "method.")  # checked as the schema does
 
     def distill(self, ctx: DistillContext) -> PairSet:
         x = joint_features(ctx)
@@ -212,13 +211,11 @@ class Forgetting:
     """The most-forgotten real pairs while a student trains on the full data."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        if int(cfg.epochs) <= 0:
-            raise UserError(f"method.epochs={cfg.epochs} must be positive")
-        self.cfg = cfg
+        self.cfg = from_cfg(settings.Forgetting, cfg, "method.")  # checked as the schema does
 
     def distill(self, ctx: DistillContext) -> PairSet:
-        batch = min(int(self.cfg.batch_size), ctx.train.n_pairs)
-        counts, learned = forgetting_counts(ctx, int(self.cfg.epochs), batch)
+        batch = min(self.cfg.batch_size, ctx.train.n_pairs)
+        counts, learned = forgetting_counts(ctx, self.cfg.epochs, batch)
         # Ties (many pairs share a count) are broken by a seeded shuffle before the stable sort.
         perm = torch.randperm(len(counts), generator=_gen(ctx.seed))
         order = perm[torch.argsort(counts[perm], descending=True, stable=True)]

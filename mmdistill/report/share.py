@@ -39,7 +39,7 @@ from mmdistill import __version__, io
 from mmdistill.config import register_resolvers, run_config
 from mmdistill.data.base import ImageTextSplit
 from mmdistill.errors import UserError
-from mmdistill.methods import METHODS
+from mmdistill.methods import presets
 from mmdistill.models.student import is_image_features
 from mmdistill.report.tables import METRICS
 from mmdistill.report.visuals import denormalise, nearest, nearest_captions, real_train
@@ -431,11 +431,11 @@ def validated(pairs: PairSet, where: Path, fix: str) -> PairSet:
 def check_labels(pairs: PairSet, where: Path, fix: str) -> None:
     """The set's method is one of mmdistill's, its dataset label a plain name."""
     method = pairs.meta.get("method")
-    if not isinstance(method, str) or method not in METHODS:
+    known = presets()
+    if not isinstance(method, str) or method not in known:
         raise io.damaged(
             where,
-            f"it names method {method!r}, which is none of mmdistill's "
-            f"({', '.join(METHODS.names())})",
+            f"it names method {method!r}, which is none of mmdistill's ({', '.join(known)})",
             fix,
         )
     dataset = pairs.meta.get("dataset")

@@ -20,15 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mmdistill.config import NEUTRAL
 from mmdistill.errors import UserError
-from mmdistill.methods import METHODS
+from mmdistill.methods import presets
 from mmdistill.runs import check_folders
 from mmdistill.training import cost
 
 METRICS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
 FULL = "full data"
-# Recorded protocol fields that do not change the numbers.
-NEUTRAL_PROTOCOL = ("name", "students", "workers", "together")
+# Eval keys that do not split columns: the neutral ones (config.NEUTRAL), and the protocol's
+# label and student count (a row reports its students' mean and spread).
+NEUTRAL_PROTOCOL = ("name", "students") + tuple(
+    k.split(".", 1)[1] for k in NEUTRAL if k.startswith("eval.")
+)
 
 
 @dataclass
@@ -234,7 +238,7 @@ def _read_result(path: Path) -> Result:
         if key not in data:
             raise ValueError(f"'{key}' missing")
     verb, method = str(data["verb"]), str(data["method"])
-    if verb != "train" and method not in METHODS:  # a label no method made is not tabled
+    if verb != "train" and method not in presets():  # a label no method made is not tabled
         raise ValueError(f"method {method!r} is none of mmdistill's")
     switches = {"dataset": str(data["dataset"]), "encoder": str(data["encoder"])}
     noise = data.get("noise") or {"name": "none"}
@@ -330,9 +334,9 @@ def collect(folders: list[Path]) -> tuple[list[Result], list[str]]:
 
 
 def method_rank(method: str) -> tuple[int, str]:
-    """The papers' order (coresets, then distillation methods: the method table's order);
+    """The papers' order (coresets, then distillation methods: the presets' order, by family);
     unknown names alphabetically after them, full data last."""
-    order = METHODS.names()
+    order = presets()
     if method == FULL:
         return len(order) + 1, method
     if method in order:

@@ -37,9 +37,9 @@ from mmdistill.errors import UserError
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import is_image_features, is_text_features
-from mmdistill.schema import TRANSFER_RESIZE, TRANSFER_TEXTS
 from mmdistill.training.features import RealSplit, real_split
 from mmdistill.training.pairs import PairSet
+from mmdistill.training.settings import TRANSFER_RESIZE, TRANSFER_TEXTS
 
 BATCH = 256
 
