@@ -33,12 +33,12 @@ from mmdistill.methods import DistillContext, get_method
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import is_text_features
-from mmdistill.report import cross_arch, pages, recall, share, tables
+from mmdistill.report import cross_arch, pages, recall, share, table_files, tables
 from mmdistill.report.visuals import export_run
 from mmdistill.runs import Run, check_folders
 from mmdistill.sweeps import resolve_budget
 from mmdistill.training import cost, precision, transfer
-from mmdistill.training.experts import find_or_build_buffer
+from mmdistill.training.experts import ExpertSource
 from mmdistill.training.features import RealSplit, real_split
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.protocol import run_protocol
@@ -373,7 +373,7 @@ def buffer(cfg: DictConfig, run_dir: Path, device: str) -> None:
     with progress_bar() as progress:
         prep = prepare(cfg, device, run, progress)
         with run.timed("experts"):
-            buf = find_or_build_buffer(
+            source = ExpertSource(
                 cfg.expert,
                 prep.encoder,
                 prep.train,
@@ -382,11 +382,11 @@ def buffer(cfg: DictConfig, run_dir: Path, device: str) -> None:
                 cfg.noise,
                 Path(cfg.paths.cache_dir),
                 device,
-                indices=indices,
                 say=log.info,
                 progress=progress,
                 metrics=run.metrics,
             )
+            buf = source.buffer(indices=indices)
     wanted = indices if indices is not None else list(range(int(cfg.expert.num_experts)))
     experts = []
     for i in wanted:
@@ -459,7 +459,7 @@ def table(args: list[str]) -> None:
     # `columns=...` (the Hydra-style spelling) is the same option as `--columns ...`
     ns = ap.parse_args([re.sub(r"^columns=", "--columns=", a) for a in args])
     if ns.into:
-        tables.check_into(ns.into)
+        table_files.check_into(ns.into)
     results, problems = tables.collect(ns.folders)
     if ns.cross_arch:
         _cross_arch_table(ns, results, problems)
@@ -467,10 +467,10 @@ def table(args: list[str]) -> None:
     built = tables.build(results, problems, ns.columns)
     for line in built.warnings:
         print(line, file=sys.stderr)
-    tables.print_rich(built)
-    files = tables.write(built, ns.out or ns.folders[0])
+    table_files.print_rich(built)
+    files = table_files.write(built, ns.out or ns.folders[0])
     if ns.into:
-        tables.update_section(ns.into, ns.section, tables.markdown(built, heading="###"))
+        table_files.update_section(ns.into, ns.section, table_files.markdown(built, heading="###"))
         files.append(ns.into)
     print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)
 
@@ -483,7 +483,7 @@ def _cross_arch_table(ns: argparse.Namespace, results: list, problems: list[str]
     print(text)
     files = cross_arch.write(matrix, ns.out or ns.folders[0])
     if ns.into:
-        tables.update_section(ns.into, ns.section, cross_arch.markdown(matrix, heading="###"))
+        table_files.update_section(ns.into, ns.section, cross_arch.markdown(matrix, heading="###"))
         files.append(ns.into)
     print(f"{len(results)} results -> " + ", ".join(str(f) for f in files), file=sys.stderr)
 

@@ -178,7 +178,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from mmdistill.report.tables import update_section
+    from mmdistill.report.table_files import update_section
     from mmdistill.runs import git_state
 
     device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"

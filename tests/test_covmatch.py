@@ -29,12 +29,15 @@ from mmdistill.methods.covmatch import (
     cross_covariance,
     weighted_statistics,
 )
+from mmdistill.methods.covmatch import robust as covmatch_robust
+from mmdistill.methods.loop import OuterLoop
 from mmdistill.models.factory import build_encoder
 from mmdistill.models.student import TextTrunk
 from mmdistill.runs import Run
 from mmdistill.training.cost import set_cost
-from mmdistill.training.pairs import PairSet, int8_rows
+from mmdistill.training.pairs import PairSet
 from mmdistill.training.protocol import run_protocol
+from mmdistill.training.storage import int8_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["dataset.split_sizes=[60,20,30]", "eval.students=1", "eval.steps=5"]
@@ -421,7 +424,7 @@ def test_an_estimated_clean_fraction_near_zero_is_one_warning_with_a_hint(
     ctx, _ = context(tmp_path, cfg, 10)
     n = ctx.train.n_pairs
     low = SimpleNamespace(prob=(torch.full((n,), 0.01), torch.full((n,), 0.03)))
-    monkeypatch.setattr(covmatch_module, "cached_detection", lambda *a, **k: low)
+    monkeypatch.setattr(covmatch_robust, "cached_detection", lambda *a, **k: low)
     with caplog.at_level("WARNING"):
         weights = CovMatch(cfg.method).pair_weights(ctx)
     assert weights.report["estimated_clean_fraction"] == pytest.approx(0.02)
@@ -527,18 +530,18 @@ def test_a_killed_run_resumes_to_the_same_set(tmp_path: Path, monkeypatch) -> No
     ctx, _ = context(tmp_path / "whole", cfg, 12)
     whole = CovMatch(cfg.method).distill(ctx)
 
-    save = CovMatch._save
+    save = OuterLoop.save
 
-    def save_then_die(self, ctx, step, *args) -> None:
-        save(self, ctx, step, *args)
-        if step == 10:
+    def save_then_die(self, done: int) -> None:
+        save(self, done)
+        if done == 10:
             raise _Killed
 
     killed_ctx, _ = context(tmp_path / "killed", cfg, 12)
-    monkeypatch.setattr(CovMatch, "_save", save_then_die)
+    monkeypatch.setattr(OuterLoop, "save", save_then_die)
     with pytest.raises(_Killed):
         CovMatch(cfg.method).distill(killed_ctx)
-    monkeypatch.setattr(CovMatch, "_save", save)
+    monkeypatch.setattr(OuterLoop, "save", save)
     resumed = CovMatch(cfg.method).distill(killed_ctx)
     assert resumed.meta["loss_history"][0]["step"] == 0  # history came back with the state
     torch.testing.assert_close(resumed.images, whole.images)

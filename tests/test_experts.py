@@ -19,10 +19,10 @@ from mmdistill.runs import Run
 from mmdistill.training.experts import (
     Buffer,
     ExpertSettings,
+    ExpertSource,
     ParamLayout,
     buffer_key,
     build_student,
-    find_or_build_buffer,
     train_expert,
 )
 
@@ -44,7 +44,7 @@ def prepared(tmp_path: Path, cfg: DictConfig) -> Prepared:
 
 def build(cfg: DictConfig, prep: Prepared, cache: Path, **kw) -> tuple[Buffer, list[str]]:
     said: list[str] = []
-    buf = find_or_build_buffer(
+    source = ExpertSource(
         cfg.expert,
         prep.encoder,
         prep.train,
@@ -54,8 +54,8 @@ def build(cfg: DictConfig, prep: Prepared, cache: Path, **kw) -> tuple[Buffer, l
         cache,
         "cpu",
         say=said.append,
-        **kw,
     )
+    buf = source.buffer(**kw)
     return buf, said
 
 

@@ -98,13 +98,17 @@ def test_the_readme_layout_names_every_module_once() -> None:
     """docs/layout.md's Layout draws the floors one line per module: it must match the tree."""
     readme = (PACKAGE.parent / "docs" / "layout.md").read_text()
     block = readme.split("## Layout", 1)[1].split("```", 2)[1]
-    listed, folder = [], ""
+    listed, folders = [], {}  # indent -> the folder open at that depth
     for line in block.splitlines():
         name, indent = line.strip().split(" ", 1)[0], len(line) - len(line.lstrip())
-        if indent == 2:  # a package folder or a module at the top of mmdistill/
-            folder = name if name.endswith("/") else ""
-        if name.endswith(".py") and indent in (2, 4):
-            listed.append((folder if indent == 4 else "") + name)
+        if indent < 2 or not name:
+            continue
+        parent = "".join(folders[d] for d in sorted(folders) if d < indent)
+        if name.endswith("/"):  # a package folder, nested under the ones above it
+            folders = {d: f for d, f in folders.items() if d < indent} | {indent: name}
+        elif name.endswith(".py"):
+            folders = {d: f for d, f in folders.items() if d < indent}
+            listed.append(parent + name)
     actual = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py"))
     missing = (
         set(actual)

@@ -19,10 +19,11 @@ from mmdistill.jobs import distill_context, prepare
 from mmdistill.methods import covmatch as covmatch_module
 from mmdistill.methods import mdw_dual_track as dual_module
 from mmdistill.methods.covmatch import CovMatch
+from mmdistill.methods.covmatch import matching as covmatch_matching
 from mmdistill.methods.mdw import MDW
 from mmdistill.methods.trajectory import TrajectoryMatching, _Embed, blend
 from mmdistill.runs import Run
-from mmdistill.training.experts import ParamLayout, build_student
+from mmdistill.training.experts import ExpertSource, ParamLayout, build_student
 from mmdistill.training.losses import infonce, soft_infonce, wbce
 from mmdistill.training.similarity import build_similarity
 from mmdistill.training.trainer import Trainer
@@ -173,7 +174,7 @@ def test_covmatch_alternates_one_synthetic_update_and_one_online_step(
         CovMatch._online,
     )
     monkeypatch.setattr(
-        covmatch_module,
+        covmatch_matching,
         "covmatch_loss",
         lambda *a, **k: events.append("syn") or real_loss(*a, **k),
     )
@@ -242,17 +243,10 @@ def test_each_dual_track_trains_on_the_other_tracks_selection(
     monkeypatch.setattr(dual_module, "buffer_key", lambda *a, **k: ("k" * 16, {}))
     expert_cfg = compose("buffer", ["expert.num_experts=4"]).expert
     noise = OmegaConf.create({"name": "shuffle", "ratio": 0.5})
-    dual_module.find_or_build_robust_buffer(
-        expert_cfg,
-        settings,
-        SimpleNamespace(name="tiny"),
-        Train(),
-        None,
-        "shapes",
-        noise,
-        tmp_path,
-        "cpu",
+    source = ExpertSource(
+        expert_cfg, SimpleNamespace(name="tiny"), Train(), None, "shapes", noise, tmp_path, "cpu"
     )
+    dual_module.robust_buffer(source, settings)
     for index, keep in trained_on:  # expert i: track i % 2, the other track's clean pairs
         assert torch.equal(keep, b_clean if index % 2 == 0 else a_clean), index
     assert [i for i, _ in trained_on] == [0, 1, 2, 3]

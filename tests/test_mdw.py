@@ -21,13 +21,13 @@ from mmdistill.methods.mdw_dual_track import (
     clean_probability,
     complementary_loss,
     detect_clean_pairs,
-    find_or_build_robust_buffer,
     fit_gmm_1d,
+    robust_buffer,
     robust_noise_cfg,
 )
 from mmdistill.models.factory import build_encoder
 from mmdistill.runs import Run
-from mmdistill.training.experts import Buffer, ExpertSettings, buffer_key
+from mmdistill.training.experts import Buffer, ExpertSettings, ExpertSource, buffer_key
 from mmdistill.training.features import RealSplit
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.protocol import student_loss_name, train_student
@@ -166,8 +166,10 @@ def test_robust_buffer_is_keyed_apart_and_cached(feature_encoder, tmp_path: Path
     )
     noise = OmegaConf.create({"name": "shuffle", "ratio": 0.5, "seed": 0})
     said: list[str] = []
-    args = (expert_cfg, dual, feature_encoder, train, None, "planted", noise, tmp_path, "cpu")
-    rb = find_or_build_robust_buffer(*args, true_clean=clean, say=said.append)
+    source = ExpertSource(
+        expert_cfg, feature_encoder, train, None, "planted", noise, tmp_path, "cpu", say=said.append
+    )
+    rb = robust_buffer(source, dual, true_clean=clean)
     assert rb.buffer.indices() == [0, 1, 2]
     assert any("detection" in s for s in said)
     settings = ExpertSettings.from_cfg(expert_cfg)
@@ -181,7 +183,7 @@ def test_robust_buffer_is_keyed_apart_and_cached(feature_encoder, tmp_path: Path
     assert stats["detection"]["precision"] == pytest.approx(rb.scores["precision"])
     assert rb.buffer.segment(2, 0, 2).shape[0] == 3
     said.clear()
-    again = find_or_build_robust_buffer(*args, true_clean=clean, say=said.append)
+    again = robust_buffer(source, dual, true_clean=clean)
     assert not said  # everything came from the cache
     assert torch.equal(again.clean, rb.clean)
     # Other dual-track settings are other experts.

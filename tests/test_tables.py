@@ -21,7 +21,7 @@ from PIL import Image
 
 from mmdistill.errors import UserError
 from mmdistill.jobs import table
-from mmdistill.report import tables
+from mmdistill.report import table_files, tables
 
 GOLDEN = Path(__file__).parent / "golden"
 RUNS = GOLDEN / "runs"
@@ -174,8 +174,8 @@ def test_different_methods_may_have_different_hyper_parameters(tmp_path: Path) -
     # of characters with the published methods); table.csv has every value.
     line = tables.method_line(table)
     assert line.startswith("herding hyper-parameters in full: table.csv") and len(line) < 120
-    assert f"Method settings: {line}" in tables.markdown(table)
-    herding = [r for r in csv.DictReader(stdio.StringIO(tables.csv_text(table)))]
+    assert f"Method settings: {line}" in table_files.markdown(table)
+    herding = [r for r in csv.DictReader(stdio.StringIO(table_files.csv_text(table)))]
     assert all("method.steps=7" in r["protocol"] for r in herding if r["method"] == "herding")
 
 
@@ -197,12 +197,12 @@ def test_percentages_never_print_in_exponent_form(tmp_path: Path) -> None:
 def test_pairs_axis_labels_budgets_without_overprinting() -> None:
     """LoRS's 99 + S and MDW's 94 + P sit at their budget (100); budgets spanning decades get
     a log axis; labels too close to the previous one are left out."""
-    assert tables.budget_ticks([100, 200, 500]) == ([100, 200, 500], True)
-    assert tables.budget_ticks([100, 200, 300]) == ([100, 200, 300], False)
-    assert tables.budget_ticks([100, 100, 3500, 1000]) == ([100, 1000, 3500], True)
-    assert tables.budget_ticks([100, 110, 400]) == ([100, 400], True)
-    assert tables.budget_ticks([100, 102, 150]) == ([100, 150], False)
-    assert tables.budget_ticks([]) == ([], False)
+    assert table_files.budget_ticks([100, 200, 500]) == ([100, 200, 500], True)
+    assert table_files.budget_ticks([100, 200, 300]) == ([100, 200, 300], False)
+    assert table_files.budget_ticks([100, 100, 3500, 1000]) == ([100, 1000, 3500], True)
+    assert table_files.budget_ticks([100, 110, 400]) == ([100, 400], True)
+    assert table_files.budget_ticks([100, 102, 150]) == ([100, 150], False)
+    assert table_files.budget_ticks([]) == ([], False)
 
 
 def test_sets_smaller_than_their_budget_are_plotted_at_it(tmp_path: Path) -> None:
@@ -210,7 +210,7 @@ def test_sets_smaller_than_their_budget_are_plotted_at_it(tmp_path: Path) -> Non
     for seed in (0, 1):
         edit(runs / f"herding-20-seed{seed}" / "results.json", pairs=19)
     table = tables.build(*tables.collect([runs]))
-    assert [tables._x(table, b) for b in table.budgets] == [10, 20]
+    assert [table_files._x(table, b) for b in table.budgets] == [10, 20]
 
 
 def test_ratio_budgets_and_duplicate_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

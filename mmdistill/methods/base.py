@@ -21,6 +21,7 @@ from torch import Tensor
 from mmdistill.data.noise import NoiseMask
 from mmdistill.models.encoders import Encoder
 from mmdistill.runs import Run
+from mmdistill.training.experts import ExpertSource
 from mmdistill.training.features import RealSplit
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.protocol import run_protocol
@@ -78,6 +79,25 @@ def monitored_val(ctx: DistillContext, pairs: PairSet, what: str) -> float | Non
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+def expert_source(ctx: DistillContext) -> ExpertSource:
+    """The run's experts: its data, encoder, expert settings and cache, reporting to its log,
+    progress bars and curves."""
+    assert ctx.expert is not None and ctx.noise is not None, "experts need ctx.expert, ctx.noise"
+    return ExpertSource(
+        ctx.expert,
+        ctx.encoder,
+        ctx.train,
+        ctx.val,
+        ctx.dataset,
+        ctx.noise,
+        ctx.cache_dir,
+        ctx.device,
+        say=log.info,
+        progress=ctx.progress,
+        metrics=ctx.run.metrics,
+    )
 
 
 class Method(Protocol):

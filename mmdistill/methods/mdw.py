@@ -51,8 +51,8 @@ from torch import Tensor, nn
 
 from mmdistill import io
 from mmdistill.errors import UserError
-from mmdistill.methods.base import DistillContext
-from mmdistill.methods.mdw_dual_track import DualTrackSettings, find_or_build_robust_buffer
+from mmdistill.methods.base import DistillContext, expert_source
+from mmdistill.methods.mdw_dual_track import DualTrackSettings, robust_buffer
 from mmdistill.methods.trajectory import Synthetic, TrajectoryMatching
 from mmdistill.models.student import SpatialMap
 from mmdistill.training.experts import Buffer
@@ -225,21 +225,7 @@ class MDW(TrajectoryMatching):
             true_clean = None
             if mask is not None and len(mask.pair_clean) == ctx.train.n_pairs:
                 true_clean = mask.pair_clean
-            rb = find_or_build_robust_buffer(
-                ctx.expert,
-                dual,
-                ctx.encoder,
-                ctx.train,
-                ctx.val,
-                ctx.dataset,
-                ctx.noise,
-                ctx.cache_dir,
-                ctx.device,
-                true_clean,
-                say=log.info,
-                progress=ctx.progress,
-                metrics=ctx.run.metrics,
-            )
+            rb = robust_buffer(expert_source(ctx), dual, true_clean)
             self._clean = rb.clean
             detection = {
                 "clean_set": rb.scores,

@@ -54,14 +54,13 @@ from torch import Tensor
 
 from mmdistill import io
 from mmdistill.errors import UserError
-from mmdistill.metrics import Metrics
 from mmdistill.models.encoders import Encoder
 from mmdistill.models.student import Student
 from mmdistill.training.experts import (
     Buffer,
     ExpertSettings,
+    ExpertSource,
     ParamLayout,
-    buffer_dir,
     buffer_key,
     expert_curve,
     split_fingerprint,
@@ -384,41 +383,50 @@ def detect_clean_pairs(
     return Detection((probs[0], probs[1]), history, time.perf_counter() - t0)
 
 
+@dataclass(frozen=True)
+class DetectionData:
+    """The split a detection scores and what keys its cache entry: encoder, dataset name and
+    noise node; where it runs and is cached; the true clean pairs, when known, for its scores."""
+
+    encoder: Encoder
+    train: RealSplit
+    dataset: str
+    noise: DictConfig | None
+    device: str
+    cache_dir: Path
+    true_clean: Tensor | None = None
+
+
 def cached_detection(
-    encoder: Encoder,
-    train: RealSplit,
-    dataset_name: str,
-    noise: DictConfig | None,
-    dual: DualTrackSettings,
-    seed: int,
-    device: str,
-    cache_dir: Path,
-    true_clean: Tensor | None = None,
-    say: Callable[[str], None] = log.info,
+    data: DetectionData, dual: DualTrackSettings, seed: int, say: Callable[[str], None] = log.info
 ) -> Detection:
     """`detect_clean_pairs`, run once per data, encoder, detection settings and seed and kept
     under `<cache_dir>/detections/` (robust CovMatch reads it; MDW keeps its own copy beside
     its experts, whose key also covers the expert settings)."""
-    enc = OmegaConf.to_container(encoder.cfg, resolve=True)
+    enc = OmegaConf.to_container(data.encoder.cfg, resolve=True)
     enc.pop("recipe", None)
+    noise = data.noise
     parts = {
         "version": ROBUST_VERSION,
-        "dataset": dataset_name,
-        "data": split_fingerprint(train),
+        "dataset": data.dataset,
+        "data": split_fingerprint(data.train),
         "encoder": enc,
         "noise": None if noise is None else OmegaConf.to_container(noise, resolve=True),
         "dual": dual.as_dict(),
         "seed": seed,
     }
     key = hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = Path(cache_dir).expanduser() / "detections" / f"{dataset_name}-{encoder.name}-{key}"
+    name = f"{data.dataset}-{data.encoder.name}-{key}"
+    path = Path(data.cache_dir).expanduser() / "detections" / name
     tensors, info = path / "detection.safetensors", path / "detection.json"
     if tensors.is_file() and info.is_file():
         t = io.load_tensors(tensors)
         saved = io.read_json(info)
         return Detection((t["prob_a"], t["prob_b"]), saved["history"], saved["seconds"])
     say("dual-track detection: cross-fitted co-teaching of two tracks")
-    det = detect_clean_pairs(encoder, train, dual, seed, device, true_clean, say)
+    det = detect_clean_pairs(
+        data.encoder, data.train, dual, seed, data.device, data.true_clean, say
+    )
     io.save_tensors(tensors, {"prob_a": det.prob[0], "prob_b": det.prob[1]})
     io.write_json(info, {"parts": parts, "history": det.history, "seconds": det.seconds})
     return det
@@ -469,78 +477,66 @@ class RobustBuffer:
     scores: dict[str, float]  # its precision / recall against the noise mask (if known)
 
 
-def find_or_build_robust_buffer(
-    expert_cfg: DictConfig,
-    dual: DualTrackSettings,
-    encoder: Encoder,
-    train: RealSplit,
-    val: RealSplit | None,
-    dataset_name: str,
-    noise: DictConfig,
-    cache_dir: Path,
-    device: str,
-    true_clean: Tensor | None = None,
-    say: Callable[[str], None] = log.info,
-    progress: Any = None,
-    metrics: Metrics | None = None,
+def robust_buffer(
+    source: ExpertSource, dual: DualTrackSettings, true_clean: Tensor | None = None
 ) -> RobustBuffer:
     """The dual-track buffer for this data: detection once, then the experts it lacks.
 
     Expert i belongs to track i % 2 and trains on the pairs the *other* track selected. The key
     is `buffer_key` over the noise node extended with the dual-track settings
     (`robust_noise_cfg`), so plain and dual-track experts never mix, and a plain
-    `find_or_build_buffer` call given that node finds these experts.
+    `ExpertSource.buffer` given that node finds these experts.
     """
-    settings = ExpertSettings.from_cfg(expert_cfg)
-    key, parts = buffer_key(encoder, train, dataset_name, robust_noise_cfg(noise, dual), settings)
-    path = buffer_dir(cache_dir, dataset_name, encoder, key)
-    if not (path / "buffer.json").is_file():
-        io.write_json(path / "buffer.json", {"key": key, "parts": parts})
-    buf = Buffer(path)
-    det_path = path / "detection.safetensors"
-    if det_path.is_file():
-        fix = f"delete {det_path}; the detection runs again"
-        t = io.load_tensors(det_path, fix=fix, need=("prob_a", "prob_b"))
-        info = io.read_json(path / "detection.json", fix=fix, kind=dict)
-        with io.reading(path / "detection.json", fix):
-            det = Detection((t["prob_a"], t["prob_b"]), info["history"], info["seconds"])
-    else:
-        say("dual-track detection: cross-fitted co-teaching of two tracks")
-        det = detect_clean_pairs(encoder, train, dual, settings.seed, device, true_clean, say)
-        io.save_tensors(det_path, {"prob_a": det.prob[0], "prob_b": det.prob[1]})
+    settings = source.settings
+    noise = robust_noise_cfg(source.noise, dual)
+    buf = source.cached(*buffer_key(source.encoder, source.train, source.dataset, noise, settings))
+    det = _buffer_detection(source, buf, dual, settings.seed, true_clean)
     clean = det.consensus(dual.select_threshold)
     scores = detection_scores(clean, true_clean)
     io.write_json(
-        path / "detection.json",
+        buf.path / "detection.json",
         {"history": det.history, "seconds": det.seconds, "final": scores},
     )
-    for i in range(int(expert_cfg.num_experts)):
+    for i in range(int(source.expert.num_experts)):
         if buf.expert_path(i).is_file():
             continue
-        task = progress.add_task(f"robust expert {i}", total=settings.epochs) if progress else None
-
-        def on_epoch(e: int, t: Any = task) -> None:
-            if t is not None:
-                progress.update(t, completed=e)
-
         keep = _keep(det.prob[1 - i % 2], dual.select_threshold)
-        curve = expert_curve(metrics, f"robust/{i}")
-        traj, layout, stats = train_robust_expert(
-            encoder, train, val, settings, keep, dual.comp_weight, i, device, on_epoch, on_log=curve
-        )
-        stats.update(
-            track="AB"[i % 2],
-            trained_on=f"InfoNCE on track {'BA'[i % 2]}'s clean pairs + complementary on all",
-            kept_pairs=int(keep.sum()),
-            detection=scores,
-            detection_history=det.history,
-            dual_track=dual.as_dict(),
-        )
-        buf.write_expert(i, traj, layout, stats)
-        if task is not None:
-            progress.remove_task(task)
-        say(
+        curve = expert_curve(source.metrics, f"robust/{i}")
+        with source.progress_task(f"robust expert {i}", settings.epochs) as on_epoch:
+            traj, layout, stats = train_robust_expert(
+                source.encoder, source.train, source.val, settings, keep, dual.comp_weight, i,
+                source.device, on_epoch, on_log=curve,
+            )  # fmt: skip
+            stats.update(
+                track="AB"[i % 2],
+                trained_on=f"InfoNCE on track {'BA'[i % 2]}'s clean pairs + complementary on all",
+                kept_pairs=int(keep.sum()),
+                detection=scores,
+                detection_history=det.history,
+                dual_track=dual.as_dict(),
+            )
+            buf.write_expert(i, traj, layout, stats)
+        source.say(
             f"robust expert {i}: {stats['seconds']:.1f}s"
             + (f", val r_mean {stats['val_r_mean']:.2f}" if "val_r_mean" in stats else "")
         )
     return RobustBuffer(buf, det, clean, scores)
+
+
+def _buffer_detection(
+    source: ExpertSource, buf: Buffer, dual: DualTrackSettings, seed: int, true_clean: Tensor | None
+) -> Detection:
+    """The detection kept beside the robust experts, run first when it is not there."""
+    det_path = buf.path / "detection.safetensors"
+    if not det_path.is_file():
+        source.say("dual-track detection: cross-fitted co-teaching of two tracks")
+        det = detect_clean_pairs(
+            source.encoder, source.train, dual, seed, source.device, true_clean, source.say
+        )
+        io.save_tensors(det_path, {"prob_a": det.prob[0], "prob_b": det.prob[1]})
+        return det
+    fix = f"delete {det_path}; the detection runs again"
+    t = io.load_tensors(det_path, fix=fix, need=("prob_a", "prob_b"))
+    info = io.read_json(buf.path / "detection.json", fix=fix, kind=dict)
+    with io.reading(buf.path / "detection.json", fix):
+        return Detection((t["prob_a"], t["prob_b"]), info["history"], info["seconds"])

@@ -30,128 +30,63 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmdistill import io
 from mmdistill.errors import UserError
 from mmdistill.methods.base import (
     DistillContext,
-    keep_partial,
+    expert_source,
     out_of_range,
     sane_bounds,
     val_r_mean,
 )
+from mmdistill.methods.loop import Diverged, OuterLoop, Schedule, Task
+from mmdistill.methods.trajectory_set import Synthetic, _Embed
 from mmdistill.models.lora import LoraSettings
-from mmdistill.models.student import Student
-from mmdistill.runs import Run
-from mmdistill.training.experts import Buffer, ParamLayout, build_student, find_or_build_buffer
+from mmdistill.training.experts import Buffer, ParamLayout, build_student
 from mmdistill.training.losses import LOSSES
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.similarity import build_similarity
+from mmdistill.training.trainer import FiniteCheck
 
 log = logging.getLogger(__name__)
 GRADIENTS = ("unroll", "first_order")
 CHECKPOINT = "trajectory"
 
 
-class _Embed(nn.Module):
-    """Both towers of a student as one callable, so functional_call can swap its parameters."""
+class _Matching(Task):
+    """One trajectory-matching run inside the shared outer loop: what it carries between
+    iterations, and its checkpoint."""
 
-    def __init__(self, student: Student) -> None:
-        super().__init__()
-        self.student = student
-
-    def forward(self, images: Tensor, texts: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        return self.student.encode_image(images), self.student.encode_text(texts, mask)
-
-
-class NonFiniteLoss(Exception):
-    """The matching loss or its gradient stopped being finite."""
-
-
-class Synthetic:
-    """The learnable state: images, texts (+ fixed mask), step sizes and the similarity."""
+    checkpoint = CHECKPOINT
 
     def __init__(
         self,
-        images: Tensor,
-        texts: Tensor,
-        mask: Tensor | None,
-        step_size: float,
-        similarity: nn.Module | None,
-        similarity_args: dict[str, Any],
+        method: TrajectoryMatching,
+        ctx: DistillContext,
+        buffer: Buffer,
+        experts: list[int],
+        embed: _Embed,
+        layout: ParamLayout,
+        syn: Synthetic,
+        meta: dict[str, Any],
     ) -> None:
-        self.images = images.detach().clone().requires_grad_(True)
-        self.texts = texts.detach().clone().requires_grad_(True)
-        self.mask = mask
-        self.step_image = torch.tensor(float(step_size), requires_grad=True)
-        self.step_text = torch.tensor(float(step_size), requires_grad=True)
-        self.similarity = similarity
-        self.similarity_args = similarity_args
-
-    def tensors(self) -> dict[str, Tensor]:
-        """Every learnable tensor by name (the checkpoint and last-good copy use these)."""
-        out = {
-            "images": self.images,
-            "texts": self.texts,
-            "step_image": self.step_image,
-            "step_text": self.step_text,
-        }
-        if self.similarity is not None:
-            out.update({f"similarity.{k}": v for k, v in self.similarity.named_parameters()})
-        return out
-
-    def snapshot(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.tensors().items()}
-
-    def restore(self, saved: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            for k, v in self.tensors().items():
-                if tuple(saved[k].shape) != tuple(v.shape):
-                    raise UserError(
-                        f"checkpoint tensor {k} has shape {list(saved[k].shape)}, this run "
-                        f"needs {list(v.shape)}; start a new run instead of resuming"
-                    )
-                v.copy_(saved[k])
-
-    def finite(self) -> bool:
-        return all(bool(torch.isfinite(v).all()) for v in self.tensors().values())
-
-    def pairset(self, loss: str, meta: dict[str, Any]) -> PairSet:
-        return PairSet(
-            images=self.images,
-            texts=self.texts,
-            text_mask=self.mask,
-            similarity=self.similarity,
-            similarity_args=dict(self.similarity_args),
-            step_sizes={"image": self.step_image.item(), "text": self.step_text.item()},
-            loss=loss,
-            meta=dict(meta),
-        ).detached()
-
-
-@dataclass
-class _Loop:
-    """What one distillation run carries between iterations, and its checkpoint."""
-
-    buffer: Buffer
-    experts: list[int]
-    embed: _Embed
-    layout: ParamLayout
-    syn: Synthetic
-    opt: torch.optim.Optimizer
-    gen: torch.Generator
-    meta: dict[str, Any]
-    best: dict[str, Tensor] | None = None
-    state: dict[str, Any] = field(
-        default_factory=lambda: {
+        self.m, self.ctx, self.name = method, ctx, method.name
+        self.buffer, self.experts, self.embed, self.layout = buffer, experts, embed, layout
+        self.syn, self.meta = syn, meta
+        self.opt = method._optimizer(syn)
+        self.gen = torch.Generator().manual_seed(ctx.seed)
+        self.best: dict[str, Tensor] | None = None
+        self.before: dict[str, Tensor] = {}  # the set before the current iteration
+        self.last_loss: float | None = None
+        self.state: dict[str, Any] = {
             "iteration": 0,
             "best_val": None,
             "best_iteration": None,
@@ -161,32 +96,83 @@ class _Loop:
             "seconds": 0.0,  # matching iterations only
             "wall": 0.0,  # iterations + val checks: the time a user waits
         }
-    )
+        self.clock = time.perf_counter()
 
-    def checkpoint(self, run: Run) -> None:
+    def parameters(self) -> dict[str, Tensor]:
+        return self.syn.tensors()
+
+    def step(self, at: int, check: FiniteCheck) -> dict[str, Any] | None:
+        it, state, total = at + 1, self.state, self.m.iterations
+        t0 = time.perf_counter()
+        loss = self.m._iteration(self.ctx, self, it)
+        state["seconds"] += time.perf_counter() - t0
+        state["iteration"] = it
+        self.last_loss = loss
+        if not (it % max(1, total // 100) == 0 or it == total):
+            return None
+        state["loss_history"].append([it, loss])
+        return {
+            "step": it,
+            "wall": time.perf_counter() - self.clock,
+            "loss": loss,
+            "step_image": self.syn.step_image.item(),
+            "step_text": self.syn.step_text.item(),
+        }
+
+    def needs_start_val(self, start: int) -> bool:
+        return not self.state["val_history"]
+
+    def validate(self, done: int) -> dict[str, Any] | None:
+        state = self.state
+        score = self.m._val_score(self.ctx, self.syn.pairset(self.m.loss_name, self.meta))
+        wall = time.perf_counter() - self.clock
+        state["val_history"].append([done, score, wall])
+        if score is not None and (state["best_val"] is None or score > state["best_val"]):
+            state.update(best_val=score, best_iteration=done, best_wall=wall)
+            self.best = self.syn.snapshot()
+        if self.last_loss is not None:
+            shown = "diverged" if score is None else f"{score:.2f}"
+            log.info("%s it %d: match %.4f, val r_mean %s", self.name, done, self.last_loss, shown)
+        return None if score is None else {"step": done, "wall": wall, "val_r_mean": score}
+
+    def saved_state(self, done: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        self.state["wall"] = time.perf_counter() - self.clock
         tensors = {f"syn.{k}": v for k, v in self.syn.snapshot().items()}
         if self.best is not None:
             tensors.update({f"best.{k}": v for k, v in self.best.items()})
-        for name, p in self.syn.tensors().items():
-            buf = self.opt.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"momentum.{name}"] = buf
         tensors["generator"] = self.gen.get_state()
-        run.save_checkpoint(CHECKPOINT, tensors, self.state)
+        return tensors, self.state
 
-    def resume(self, run: Run) -> None:
-        saved = run.load_checkpoint(CHECKPOINT)
-        if saved is None:
-            return
-        tensors, self.state = saved
+    def load(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> int:
+        self.state = state
         self.syn.restore(_prefixed(tensors, "syn."))
         self.best = _prefixed(tensors, "best.") or None
-        for name, p in self.syn.tensors().items():
-            buf = tensors.get(f"momentum.{name}")
-            if buf is not None:
-                self.opt.state[p]["momentum_buffer"] = buf.to(p.device).clone()
         self.gen.set_state(tensors["generator"])
-        log.info("resuming from iteration %d", self.state["iteration"])
+        self.clock = time.perf_counter() - state["wall"]
+        log.info("resuming from iteration %d", state["iteration"])
+        return int(state["iteration"])
+
+    def last_good(
+        self, saved: tuple[dict[str, Tensor], dict] | None, step: int
+    ) -> tuple[PairSet, int]:
+        """The last checkpoint's set; before the first, the set before this iteration."""
+        at = step - 1
+        if saved is None:
+            self.syn.restore(self.before)
+        else:
+            self.syn.restore(_prefixed(saved[0], "syn."))
+            at = int(saved[1]["iteration"])
+        return self.syn.pairset(self.m.loss_name, self.meta), at
+
+    def stop_message(self, step: int, what: str, good: int, path: Path) -> str:
+        m = self.m
+        knob = "method.lr_txt" if "texts" in what else "method.lr_img"
+        return (
+            f"{m.name} stopped at iteration {step}: {what}; the last good set "
+            f"(iteration {good}) is saved as {path}, marked partial; lower method.lr_img / "
+            f"method.lr_txt (now {m.cfg.lr_img} / {m.cfg.lr_txt}) or method.lr_lr and "
+            f"continue with resume={self.ctx.run.path} {knob}=..."
+        )
 
 
 def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -211,6 +197,8 @@ class TrajectoryMatching:
         self.blend_alpha = None if blend_alpha is None else float(blend_alpha)
         if self.blend_alpha is not None and self.blend_alpha <= 0:
             raise UserError(f"method.blend_alpha={blend_alpha} must be > 0 (RepBlend: 1.0)")
+        self.iterations, self.eval_every = int(cfg.iterations), int(cfg.eval_every)
+        self.checkpoint_every, self.select = int(cfg.checkpoint_every), str(cfg.select)
         self.syn_steps = int(cfg.syn_steps)
         self.expert_epochs = int(cfg.expert_epochs)
         self.max_start_epoch = int(cfg.max_start_epoch)
@@ -396,20 +384,7 @@ class TrajectoryMatching:
     def _buffer(self, ctx: DistillContext) -> Buffer:
         """The expert trajectories to match: the cached buffer for this data, encoder and
         expert settings, its missing experts trained first (MDW supplies its own)."""
-        return find_or_build_buffer(
-            ctx.expert,
-            ctx.encoder,
-            ctx.train,
-            ctx.val,
-            ctx.dataset,
-            ctx.noise,
-            ctx.cache_dir,
-            ctx.device,
-            explicit=self.cfg.get("buffer"),
-            say=log.info,
-            progress=ctx.progress,
-            metrics=ctx.run.metrics,
-        )
+        return expert_source(ctx).buffer(explicit=self.cfg.get("buffer"))
 
     def _synthetic(self, ctx: DistillContext, n: int) -> Synthetic:
         images, texts, mask = self._init_data(ctx, n)
@@ -441,7 +416,7 @@ class TrajectoryMatching:
             groups.append({"params": list(syn.similarity.parameters()), "lr": float(cfg.lr_sim)})
         return torch.optim.SGD(groups, lr=float(cfg.lr_img), momentum=float(cfg.momentum))
 
-    def _iteration(self, ctx: DistillContext, loop: _Loop, it: int) -> float:
+    def _iteration(self, ctx: DistillContext, loop: _Matching, it: int) -> float:
         """One outer step: draw expert, start epoch and batches, match, update, check."""
         syn, gen, n = loop.syn, loop.gen, len(loop.syn.texts)
         expert = loop.experts[int(torch.randint(len(loop.experts), (1,), generator=gen))]
@@ -452,7 +427,7 @@ class TrajectoryMatching:
         batches = [
             torch.randperm(n, generator=gen)[:batch].to(ctx.device) for _ in range(self.syn_steps)
         ]
-        before = syn.snapshot()
+        loop.before = syn.snapshot()
         loop.opt.zero_grad(set_to_none=True)
         compute = self.grad_unroll if self.gradient == "unroll" else self.grad_first_order
         # On CPU every attention runs the math kernel, as it always has (bit-identical runs);
@@ -464,7 +439,7 @@ class TrajectoryMatching:
         )
         if not torch.isfinite(loss) or not grads_ok:
             what = f"the matching loss or its gradient is not finite (loss {loss.item():.4g})"
-            self._stop(ctx, syn, before, loop.meta, it, what)
+            raise Diverged(it, what)
         loop.opt.step()
         min_step = self.cfg.get("min_step_size")
         if min_step is not None:
@@ -472,108 +447,57 @@ class TrajectoryMatching:
                 syn.step_image.clamp_(min=float(min_step))
                 syn.step_text.clamp_(min=float(min_step))
         if not syn.finite():
-            self._stop(ctx, syn, before, loop.meta, it, "an update made the set not finite")
+            raise Diverged(it, "an update made the set not finite")
         far = out_of_range(self.bounds, images=syn.images, texts=syn.texts)
         if far:
-            self._stop(ctx, syn, before, loop.meta, it, far)
+            raise Diverged(it, far)
         return float(loss)
 
-    def distill(self, ctx: DistillContext) -> PairSet:
-        cfg = self.cfg
-        n = self.budget(ctx.pairs)
-        self._check(ctx, n)
+    def _run(self, ctx: DistillContext, n: int) -> _Matching:
+        """The matching run of `n` pairs, its buffer found or built and its set started."""
         self.lora = LoraSettings.from_cfg(ctx.expert)
         buf = self._buffer(ctx)
         student = build_student(ctx.encoder, ctx.seed, self.lora).to(ctx.device).train()
         layout = ParamLayout.of(student)
-        scale = cfg.get("inner_logit_scale")
+        scale = self.cfg.get("inner_logit_scale")
         self.logit_scale = float(student.logit_scale if scale is None else scale)
         syn = self._synthetic(ctx, n)
         self.bounds = sane_bounds(images=syn.images, texts=syn.texts)
-        loop = _Loop(
-            buffer=buf,
-            experts=self._experts(buf, layout, int(ctx.expert.num_experts)),
-            embed=_Embed(student),
-            layout=layout,
-            syn=syn,
-            opt=self._optimizer(syn),
-            gen=torch.Generator().manual_seed(ctx.seed),
-            meta={
-                "method": self.name,
-                "gradient": self.gradient,
-                "student_loss": self.loss_name,
-                "syn_steps": self.syn_steps,
-                "budget_pairs": ctx.pairs,
-                "pairs": n,
-                "similarity_counted_in_budget": n != ctx.pairs,
-                "buffer": str(buf.path),
-                "buffer_key": buf.key,
-                "experts": int(ctx.expert.num_experts),
-                "lora": None if self.lora is None else self.lora.as_dict(),
-                "matched_parameters": layout.numel,
-            },
+        meta = {
+            "method": self.name,
+            "gradient": self.gradient,
+            "student_loss": self.loss_name,
+            "syn_steps": self.syn_steps,
+            "budget_pairs": ctx.pairs,
+            "pairs": n,
+            "similarity_counted_in_budget": n != ctx.pairs,
+            "buffer": str(buf.path),
+            "buffer_key": buf.key,
+            "experts": int(ctx.expert.num_experts),
+            "lora": None if self.lora is None else self.lora.as_dict(),
+            "matched_parameters": layout.numel,
+        }
+        experts = self._experts(buf, layout, int(ctx.expert.num_experts))
+        return _Matching(self, ctx, buf, experts, _Embed(student), layout, syn, meta)
+
+    def distill(self, ctx: DistillContext) -> PairSet:
+        n = self.budget(ctx.pairs)
+        self._check(ctx, n)
+        run = self._run(ctx, n)
+        schedule = Schedule(
+            self.iterations, self.checkpoint_every, self.eval_every, last_checkpoint=True
         )
-        with io.reading(ctx.run.checkpoint_path(CHECKPOINT), ctx.run.checkpoint_fix()):
-            loop.resume(ctx.run)
-        iterations, eval_every = int(cfg.iterations), int(cfg.eval_every)
-        ckpt_every = int(cfg.checkpoint_every)
-        state = loop.state
-        task = None
-        if ctx.progress is not None:
-            task = ctx.progress.add_task(self.name, total=iterations, completed=state["iteration"])
-        clock = time.perf_counter() - state["wall"]
-
-        def validate(it: int) -> float | None:
-            score = self._val_score(ctx, syn.pairset(self.loss_name, loop.meta))
-            wall = time.perf_counter() - clock
-            state["val_history"].append([it, score, wall])
-            if score is not None:
-                ctx.run.metrics.write("method", it, wall=wall, val_r_mean=score)
-                if task is not None:
-                    ctx.progress.update(task, info=f"val r_mean {score:.2f}")
-            if score is not None and (state["best_val"] is None or score > state["best_val"]):
-                state.update(best_val=score, best_iteration=it, best_wall=wall)
-                loop.best = syn.snapshot()
-            return score
-
-        if eval_every > 0 and not state["val_history"]:
-            validate(0)
-        while state["iteration"] < iterations:
-            it = state["iteration"] + 1
-            t0 = time.perf_counter()
-            loss = self._iteration(ctx, loop, it)
-            state["seconds"] += time.perf_counter() - t0
-            state["iteration"] = it
-            if it % max(1, iterations // 100) == 0 or it == iterations:
-                state["loss_history"].append([it, loss])
-                ctx.run.metrics.write(
-                    "method",
-                    it,
-                    wall=time.perf_counter() - clock,
-                    loss=loss,
-                    step_image=syn.step_image.item(),
-                    step_text=syn.step_text.item(),
-                )
-            if eval_every > 0 and (it % eval_every == 0 or it == iterations):
-                score = validate(it)
-                shown = "diverged" if score is None else f"{score:.2f}"
-                log.info("%s it %d: match %.4f, val r_mean %s", self.name, it, loss, shown)
-            state["wall"] = time.perf_counter() - clock
-            if ckpt_every > 0 and (it % ckpt_every == 0 or it == iterations):
-                loop.checkpoint(ctx.run)
-            if task is not None:
-                ctx.progress.update(task, completed=it)
-        if task is not None:
-            ctx.progress.remove_task(task)
-
+        OuterLoop(ctx, run, run.opt, schedule).run()
+        state, syn = run.state, run.syn
+        state["wall"] = time.perf_counter() - run.clock
         selected = state["iteration"]
-        if loop.best is not None and str(cfg.select) == "best_val":
-            syn.restore(loop.best)
+        if run.best is not None and self.select == "best_val":
+            syn.restore(run.best)
             selected = state["best_iteration"]
-        loop.meta.update(
+        run.meta.update(
             iterations=state["iteration"],
             selected_iteration=selected,
-            selection=str(cfg.select),
+            selection=self.select,
             best_val_r_mean=state["best_val"],
             seconds_to_best_val=state["best_wall"],
             seconds=state["wall"],
@@ -581,39 +505,11 @@ class TrajectoryMatching:
             loss_history=state["loss_history"],
             seconds_per_iteration=state["seconds"] / max(state["iteration"], 1),
         )
-        return syn.pairset(self.loss_name, loop.meta)
+        return syn.pairset(self.loss_name, run.meta)
 
     def _val_score(self, ctx: DistillContext, pairs: PairSet) -> float | None:
         """Mean val r_mean of `val_students` students trained on the current set."""
         return val_r_mean(ctx, pairs, int(self.cfg.val_students), self.name)
-
-    def _stop(
-        self,
-        ctx: DistillContext,
-        syn: Synthetic,
-        before: dict[str, Tensor],
-        meta: dict[str, Any],
-        iteration: int,
-        what: str,
-    ) -> None:
-        """Keep the last good set, the last checkpoint's (before the first one, the set before
-        this iteration), as the run's partial distilled set, and stop with the fix."""
-        saved = ctx.run.load_checkpoint(CHECKPOINT)
-        at = iteration - 1
-        if saved is None:
-            syn.restore(before)
-        else:
-            with io.reading(ctx.run.checkpoint_path(CHECKPOINT), ctx.run.checkpoint_fix()):
-                syn.restore(_prefixed(saved[0], "syn."))
-                at = int(saved[1]["iteration"])
-        path = keep_partial(ctx.run, syn.pairset(self.loss_name, meta), what, iteration, at)
-        knob = "method.lr_txt" if "texts" in what else "method.lr_img"
-        raise UserError(
-            f"{self.name} stopped at iteration {iteration}: {what}; the last good set "
-            f"(iteration {at}) is saved as {path}, marked partial; lower method.lr_img / "
-            f"method.lr_txt (now {self.cfg.lr_img} / {self.cfg.lr_txt}) or method.lr_lr and "
-            f"continue with resume={ctx.run.path} {knob}=..."
-        )
 
 
 def blend(images: Tensor, texts: Tensor, alpha: float) -> tuple[Tensor, Tensor]:

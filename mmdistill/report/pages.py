@@ -31,7 +31,7 @@ from mmdistill.config import run_config
 from mmdistill.data.base import ImageTextSplit
 from mmdistill.errors import UserError
 from mmdistill.models.encoders import Encoder
-from mmdistill.report import curves, tables
+from mmdistill.report import curves, table_files, tables
 from mmdistill.report.recall import COLUMNS
 from mmdistill.report.visuals import heatmap_png, real_train, set_entries
 from mmdistill.training.features import RealSplit
@@ -456,7 +456,7 @@ def _settings(table: tables.Table) -> str:
 
 def _plot(table: tables.Table) -> bytes:
     buffer = stdio.BytesIO()
-    tables.plot(table, buffer)
+    table_files.plot(table, buffer)
     return buffer.getvalue()
 
 

@@ -272,24 +272,23 @@ def _mib(n: Any) -> str:
 
 
 def dataset_card(info: dict[str, Any]) -> str:
-    """The README.md of an export: what the set is, how well it trains students, what it cost."""
-    meta, cfg = info["meta"], info["config"]
+    """The README.md of an export: what the set is, how well it trains students, what it cost.
+    The YAML header is huggingface_hub's, so the Hub reads its fields as it reads any card's."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    meta = info["meta"]
     method, dataset = meta.get("method", "?"), meta.get("dataset", "?")
     encoder, n = meta.get("encoder", "?"), info["pairs"]
-    results = info.get("results") or {}
-    summary = results.get("summary") or {}
-    cost = info.get("cost") or {}
+    header = DatasetCardData(
+        pretty_name=f"mmdistill {method} {dataset} {n} pairs",
+        tags=["dataset-distillation", "image-text-retrieval", "mmdistill"],
+    )
     extras = ""
     if info["similarity"]:
         extras += f", plus a learned {info['similarity']['kind']} similarity"
     if info["step_sizes"]:
         extras += f", learned step sizes {info['step_sizes']}"
     lines = [
-        "---",
-        f"pretty_name: mmdistill {method} {dataset} {n} pairs",
-        "tags: [dataset-distillation, image-text-retrieval, mmdistill]",
-        "---",
-        "",
         f"# {method} · {n} pairs · {dataset} ({encoder})",
         "",
         f"A distilled image-text set made by mmdistill (commit {_commit(info['made_with'])}): "
@@ -297,62 +296,80 @@ def dataset_card(info: dict[str, Any]) -> str:
         f"`dataset={dataset}` with `encoder={encoder}`, budget {meta.get('budget', n)} pairs "
         f"({n} stored pairs{extras}).",
         "",
+        *_card_recall(info.get("results") or {}),
+        *_card_cost(info.get("cost") or {}),
+        *CARD_COLUMNS,
+        *_card_use(info["config"].get("dataset", {}).get("name", "?"), encoder),
+    ]
+    return str(DatasetCard(f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _card_recall(results: dict[str, Any]) -> list[str]:
+    summary = results.get("summary") or {}
+    if not summary:
+        return ["## Recall", "", "The run recorded no recalls.", ""]
+    protocol = results.get("protocol") or {}
+    cells = (
+        f"{summary[m]['mean']:.1f}±{summary[m]['std']:.1f}" if m in summary else "-"
+        for m in METRICS
+    )
+    return [
         "## Recall",
         "",
+        f"Students trained on this set, scored on the {protocol.get('split', 'test')} split "
+        f"(`eval={protocol.get('name', '?')}`, {protocol.get('students', '?')} students, "
+        "mean±std):",
+        "",
+        "| " + " | ".join(METRICS) + " |",
+        "|" + "---|" * len(METRICS),
+        "| " + " | ".join(cells) + " |",
+        "",
     ]
-    if summary:
-        protocol = results.get("protocol") or {}
-        lines += [
-            f"Students trained on this set, scored on the {protocol.get('split', 'test')} split "
-            f"(`eval={protocol.get('name', '?')}`, {protocol.get('students', '?')} students, "
-            "mean±std):",
-            "",
-            "| " + " | ".join(METRICS) + " |",
-            "|" + "---|" * len(METRICS),
-            "| "
-            + " | ".join(
-                f"{summary[m]['mean']:.1f}±{summary[m]['std']:.1f}" if m in summary else "-"
-                for m in METRICS
-            )
-            + " |",
-        ]
-    else:
-        lines.append("The run recorded no recalls.")
-    lines += ["", "## Cost", ""]
-    if cost:
-        parts = cost.get("bytes_parts") or {}
-        stages = cost.get("stages_s") or {}
-        lines += [
-            f"- stored: {_size(cost.get('bytes'))} = "
-            + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()),
-            f"- equivalent budget: {cost.get('pairs_equiv')} pairs of "
-            f"{_size(cost.get('pair_bytes'))} each",
-            f"- expert buffers used: {_size(cost.get('buffer_bytes'))}",
-            "- wall seconds: " + ", ".join(f"{k} {v}" for k, v in stages.items()),
-            f"- device-hours: {cost.get('device_hours')} on {cost.get('device')} "
-            f"({cost.get('device_name')})",
-            f"- peak host RSS {_mib(cost.get('peak_rss_mib'))} (largest child process "
-            f"{_mib(cost.get('peak_rss_children_mib'))}), peak GPU memory "
-            f"{_mib(cost.get('peak_gpu_mib'))}",
-        ]
-    else:
-        lines.append("The run recorded no cost.")
-    lines += [
+
+
+def _card_cost(cost: dict[str, Any]) -> list[str]:
+    if not cost:
+        return ["## Cost", "", "The run recorded no cost.", ""]
+    parts = cost.get("bytes_parts") or {}
+    stages = cost.get("stages_s") or {}
+    return [
+        "## Cost",
         "",
-        "## Columns",
+        f"- stored: {_size(cost.get('bytes'))} = "
+        + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()),
+        f"- equivalent budget: {cost.get('pairs_equiv')} pairs of "
+        f"{_size(cost.get('pair_bytes'))} each",
+        f"- expert buffers used: {_size(cost.get('buffer_bytes'))}",
+        "- wall seconds: " + ", ".join(f"{k} {v}" for k, v in stages.items()),
+        f"- device-hours: {cost.get('device_hours')} on {cost.get('device')} "
+        f"({cost.get('device_name')})",
+        f"- peak host RSS {_mib(cost.get('peak_rss_mib'))} (largest child process "
+        f"{_mib(cost.get('peak_rss_children_mib'))}), peak GPU memory "
+        f"{_mib(cost.get('peak_gpu_mib'))}",
         "",
-        "- `image`: the synthetic image de-normalised to 8-bit RGB; for feature-space sets "
-        "(`image_is_nearest_neighbour` true) the nearest real training image to the synthetic "
-        "feature, named by `image_nearest_id` with its cosine `image_nearest_cos`",
-        "- `caption`: the nearest real training caption to the synthetic text "
-        "(`caption_cos`: the cosine; 1 for a real caption)",
-        "- `syn_image`, `syn_text`, `syn_text_mask`: the synthetic tensors students train on; "
-        "`image_index`: the stored image each pair uses",
-        "- `similarity_*`: the learned similarity's parameters, one row per pair; "
-        "`target_similarity`: its row of the target matrix",
-        "- `mmdistill.json`: dtypes and shapes, step sizes, loss, the set's metadata, the job "
-        "config, recalls and cost",
-        "",
+    ]
+
+
+CARD_COLUMNS = [
+    "## Columns",
+    "",
+    "- `image`: the synthetic image de-normalised to 8-bit RGB; for feature-space sets "
+    "(`image_is_nearest_neighbour` true) the nearest real training image to the synthetic "
+    "feature, named by `image_nearest_id` with its cosine `image_nearest_cos`",
+    "- `caption`: the nearest real training caption to the synthetic text "
+    "(`caption_cos`: the cosine; 1 for a real caption)",
+    "- `syn_image`, `syn_text`, `syn_text_mask`: the synthetic tensors students train on; "
+    "`image_index`: the stored image each pair uses",
+    "- `similarity_*`: the learned similarity's parameters, one row per pair; "
+    "`target_similarity`: its row of the target matrix",
+    "- `mmdistill.json`: dtypes and shapes, step sizes, loss, the set's metadata, the job "
+    "config, recalls and cost",
+    "",
+]
+
+
+def _card_use(dataset: str, encoder: str) -> list[str]:
+    return [
         "## Use",
         "",
         "```python",
@@ -363,12 +380,10 @@ def dataset_card(info: dict[str, Any]) -> str:
         "Re-score it with the encoder it was distilled for:",
         "",
         "```bash",
-        f"mmdistill evaluate source=<this folder> dataset={cfg.get('dataset', {}).get('name', '?')}"
-        f" encoder={encoder}",
+        f"mmdistill evaluate source=<this folder> dataset={dataset} encoder={encoder}",
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------- reading

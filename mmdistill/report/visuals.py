@@ -48,13 +48,9 @@ MIN_TILE = 64  # distilled images smaller than this are shown enlarged by an int
 
 def image_grid(images: Tensor, nrow: int, pad: int = 2) -> Image.Image:
     """`[N,3,H,W]` values in [0,1] tiled row-major on a white canvas."""
-    n, _, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    canvas = torch.ones(3, rows * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[:, y : y + h, x : x + w] = images[i]
+    from torchvision.utils import make_grid
+
+    canvas = make_grid(images.float(), nrow=nrow, padding=pad, pad_value=1.0)
     array = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     return Image.fromarray(array)
 

@@ -73,7 +73,7 @@ def set_bytes(pairs: PairSet) -> dict[str, int]:
 
     def modality(name: str) -> int:
         if name in stored:
-            return sum(_nbytes(t) for t in stored[name].tensors(name).values())
+            return stored[name].nbytes
         return _nbytes(getattr(pairs, name))
 
     return {

@@ -15,12 +15,13 @@ jobs (`mmdistill buffer -m expert.index=0,1,2,3`) fill one folder without clashi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,30 +349,38 @@ def buffer_dir(cache_dir: Path, dataset_name: str, encoder: Encoder, key: str) -
     return Path(cache_dir).expanduser() / "buffers" / f"{dataset_name}-{encoder.name}-{key}"
 
 
-def find_or_build_buffer(
-    expert_cfg: DictConfig,
-    encoder: Encoder,
-    train: RealSplit,
-    val: RealSplit | None,
-    dataset_name: str,
-    noise: DictConfig,
-    cache_dir: Path,
-    device: str,
-    explicit: str | None = None,
-    indices: list[int] | None = None,
-    say: Callable[[str], None] = print,
-    progress: Any = None,
-    metrics: Metrics | None = None,
-) -> Buffer:
-    """The buffer matching this data/encoder/expert config, training missing experts first.
+@dataclass(frozen=True)
+class ExpertSource:
+    """Where a run's expert trajectories come from: the real data and encoder they imitate,
+    the expert settings and noise node their key covers, the device that trains missing ones
+    and the cache that keeps them; plus where that work reports (log lines, progress bars and
+    the run's curves)."""
 
-    `explicit` is a buffer folder the user named: it must carry this run's key, else the error
-    names both. `indices` (default: all `expert_cfg.num_experts`) are the experts to ensure.
-    Experts trained here write their curves (stream `expert/<i>`) to `metrics`.
-    """
-    settings = ExpertSettings.from_cfg(expert_cfg)
-    key, parts = buffer_key(encoder, train, dataset_name, noise, settings)
-    if explicit:
+    expert: DictConfig
+    encoder: Encoder
+    train: RealSplit
+    val: RealSplit | None
+    dataset: str
+    noise: DictConfig
+    cache_dir: Path
+    device: str
+    say: Callable[[str], None] = print
+    progress: Any = None
+    metrics: Metrics | None = None
+
+    @property
+    def settings(self) -> ExpertSettings:
+        return ExpertSettings.from_cfg(self.expert)
+
+    def cached(self, key: str, parts: dict[str, Any]) -> Buffer:
+        """The cache folder of `key`, created with what the key hashes when it is new."""
+        path = buffer_dir(self.cache_dir, self.dataset, self.encoder, key)
+        if not (path / "buffer.json").is_file():
+            io.write_json(path / "buffer.json", {"key": key, "parts": parts})
+        return Buffer(path)
+
+    def named(self, explicit: str, key: str, parts: dict[str, Any]) -> Buffer:
+        """The buffer folder the user named; it must carry this run's key."""
         path = Path(explicit).expanduser()
         buf = Buffer(path)
         if buf.key != key:
@@ -380,38 +389,61 @@ def find_or_build_buffer(
                 f"(key {buf.key}), but this run needs {_describe(parts)} (key {key}); point "
                 "method.buffer at a matching buffer or leave it unset to build one"
             )
-    else:
-        path = buffer_dir(cache_dir, dataset_name, encoder, key)
-        if not (path / "buffer.json").is_file():
-            io.write_json(path / "buffer.json", {"key": key, "parts": parts})
-        buf = Buffer(path)
-    wanted = list(range(int(expert_cfg.num_experts))) if indices is None else list(indices)
-    if not wanted:
-        raise UserError("expert.num_experts must be at least 1")
-    missing = [i for i in wanted if not buf.expert_path(i).is_file()]
-    if missing:
-        say(
-            f"expert buffer {path}: {len(wanted) - len(missing)}/{len(wanted)} experts cached; "
-            f"training {len(missing)} ({settings.epochs} epochs each) first"
-        )
-    for i in missing:
-        task = progress.add_task(f"expert {i}", total=settings.epochs) if progress else None
+        return buf
 
-        def on_epoch(epoch: int, task: Any = task) -> None:
-            if task is not None:
-                progress.update(task, completed=epoch)
+    @contextlib.contextmanager
+    def progress_task(self, label: str, epochs: int) -> Iterator[Callable[[int], None]]:
+        """A progress bar for one expert's epochs while it trains: yields its epoch hook."""
+        bar = self.progress.add_task(label, total=epochs) if self.progress else None
 
-        curve = expert_curve(metrics, f"expert/{i}")
-        traj, layout, stats = train_expert(
-            encoder, train, val, settings, i, device, on_epoch=on_epoch, on_log=curve
-        )
-        buf.write_expert(i, traj, layout, stats)
-        if task is not None:
-            progress.remove_task(task)
-        say(
-            f"expert {i}: {stats['seconds']:.1f}s"
-            + (f", val r_mean {stats['val_r_mean']:.2f}" if "val_r_mean" in stats else "")
-        )
-    if not missing:
-        say(f"using expert buffer {path} ({len(wanted)} experts)")
-    return buf
+        def on_epoch(epoch: int) -> None:
+            if bar is not None:
+                self.progress.update(bar, completed=epoch)
+
+        yield on_epoch
+        if bar is not None:
+            self.progress.remove_task(bar)
+
+    def buffer(self, explicit: str | None = None, indices: list[int] | None = None) -> Buffer:
+        """The buffer matching this data/encoder/expert config, training missing experts first.
+
+        `explicit` is a buffer folder the user named: it must carry this run's key, else the
+        error names both. `indices` (default: all `expert.num_experts`) are the experts to
+        ensure. Experts trained here write their curves (stream `expert/<i>`) to `metrics`.
+        """
+        settings = self.settings
+        key, parts = buffer_key(self.encoder, self.train, self.dataset, self.noise, settings)
+        buf = self.named(explicit, key, parts) if explicit else self.cached(key, parts)
+        wanted = list(range(int(self.expert.num_experts))) if indices is None else list(indices)
+        if not wanted:
+            raise UserError("expert.num_experts must be at least 1")
+        missing = [i for i in wanted if not buf.expert_path(i).is_file()]
+        if missing:
+            self.say(
+                f"expert buffer {buf.path}: {len(wanted) - len(missing)}/{len(wanted)} experts "
+                f"cached; training {len(missing)} ({settings.epochs} epochs each) first"
+            )
+        for i in missing:
+            curve = expert_curve(self.metrics, f"expert/{i}")
+            with self.progress_task(f"expert {i}", settings.epochs) as on_epoch:
+                traj, layout, stats = train_expert(
+                    self.encoder,
+                    self.train,
+                    self.val,
+                    settings,
+                    i,
+                    self.device,
+                    on_epoch,
+                    on_log=curve,
+                )
+                buf.write_expert(i, traj, layout, stats)
+            self.say(f"expert {i}: {_trained(stats)}")
+        if not missing:
+            self.say(f"using expert buffer {buf.path} ({len(wanted)} experts)")
+        return buf
+
+
+def _trained(stats: dict[str, Any]) -> str:
+    """An expert's time (and val r_mean) for its log line."""
+    shown = f"{stats['seconds']:.1f}s"
+    return shown + (f", val r_mean {stats['val_r_mean']:.2f}" if "val_r_mean" in stats else "")

@@ -23,48 +23,10 @@ from mmdistill import io
 from mmdistill.data.images import PixelStore
 from mmdistill.errors import UserError
 from mmdistill.training.similarity import build_similarity
+from mmdistill.training.storage import Factor
 
 FORMAT_VERSION = 1
 MODALITIES = ("images", "texts")
-FACTOR_PARTS = ("coef", "basis", "offset", "scale")
-
-
-@dataclass(frozen=True)
-class Factor:
-    """One modality stored as `coef @ basis + offset`: coefficients `[N, k]` on a shared basis
-    `[k, D]` plus an offset `[D]`. Without a basis the coefficients are the rows minus the
-    offset. With a `scale` `[N, 1]`, `coef` holds int8 codes and the coefficients are
-    `coef * scale`: a quarter of the float32 bytes per row."""
-
-    coef: Tensor
-    basis: Tensor | None
-    offset: Tensor
-    scale: Tensor | None = None
-
-    def decode(self) -> Tensor:
-        coef = self.coef if self.scale is None else self.coef.float() * self.scale
-        if self.basis is None:
-            return coef + self.offset
-        return torch.addmm(self.offset, coef, self.basis)
-
-    def tensors(self, name: str) -> dict[str, Tensor]:
-        return {
-            f"{name}.{k}": getattr(self, k) for k in FACTOR_PARTS if getattr(self, k) is not None
-        }
-
-    @classmethod
-    def read(cls, tensors: dict[str, Tensor], name: str) -> Factor | None:
-        if f"{name}.coef" not in tensors or f"{name}.offset" not in tensors:
-            return None
-        return cls(*(tensors.get(f"{name}.{k}") for k in FACTOR_PARTS))
-
-
-def int8_rows(coef: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 codes and per-row scales of `coef` (zero-centred coefficients): every
-    entry within half a step (max |row| / 254) of its value."""
-    scale = coef.abs().amax(1, keepdim=True).clamp_min(torch.finfo(coef.dtype).tiny) / 127
-    codes = torch.round(coef / scale).clamp(-127, 127).to(torch.int8)
-    return codes, scale
 
 
 @dataclass

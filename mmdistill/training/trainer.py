@@ -284,7 +284,12 @@ class Trainer:
         self.student = student
         self.recipe = recipe
         self.opt = recipe.optimizer_for(student, pairs)
-        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.schedule = None
+        if recipe.schedule != "none":
+            total = total_steps
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(
+                self.opt, lambda step: recipe.lr_factor(step, total)
+            )
         self.batch_loss = batch_loss
         self.total = total_steps
         self.what, self.hint = what, hint
@@ -303,10 +308,6 @@ class Trainer:
         self.check.watch(step, loss)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.recipe.schedule != "none":
-            factor = self.recipe.lr_factor(step, self.total)
-            for g, lr in zip(self.opt.param_groups, self.base_lrs, strict=True):
-                g["lr"] = lr * factor
         self.opt.step()
         self.step_count += 1
         if self.on_log is not None and (
@@ -319,6 +320,8 @@ class Trainer:
                 groups[0]["lr"],
             )
             self.on_log({"step": self.step_count, "loss": loss.detach().item(), "lr": lr})
+        if self.schedule is not None:  # the next step's rate: base x lr_factor(step + 1)
+            self.schedule.step()
         return loss.detach()
 
     def flush(self) -> None:
