@@ -16,35 +16,19 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmdistill import config, io, relaunch, runs, schema
+from mmdistill import config, io, relaunch, runs, schema, usage
 from mmdistill.config import conf_dir, register_resolvers
 from mmdistill.errors import UserError
 from mmdistill.methods import settings as _units  # noqa: F401  (registers the schema's units)
 from mmdistill.sweeps import check_sweep_dirs, check_sweep_subdir, job_args
+from mmdistill.usage import FOLDER_VERBS, JOB_VERBS
+from mmdistill.version import __version__
 
-JOB_VERBS = ("distill", "train", "evaluate", "buffer")
-FOLDER_VERBS = ("table", "export", "report")
 # Hydra flags that only print: their command composes no job, or shows the config as given.
 HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 CFG_FLAGS = {"--cfg", "-c"}
-USAGE = """usage: mmdistill <verb> [options]
-
-job verbs (Hydra apps; `mmdistill <verb> --help` lists config groups and overrides):
-  distill    distil a dataset into budget.pairs pairs, then train students and report recall
-  train      train students on the full real training set (the upper-bound row)
-  evaluate   re-score a saved distilled set: mmdistill evaluate source=<run or HF export>
-  buffer     train expert trajectories for trajectory-matching methods
-folder verbs:
-  table      aggregate run folders into paper-layout tables: mmdistill table <folder>...
-  export     PNG grids, captions and heat-maps of a run: mmdistill export <run folder>
-             (--format hf: a Hugging Face datasets folder with a dataset card)
-  report     one self-contained report.html of a run or a sweep: mmdistill report <folder>
-
-examples:
-  mmdistill distill                                   # built-in shapes data, tiny encoder
-  mmdistill distill dataset=flickr8k encoder=lite0_minilm method=random budget.pairs=100
-  mmdistill distill -m method=random budget.pairs=100,200
-"""
+# The folder of the last job this process ran (`mmdistill.run` returns it).
+LAST_RUN: list[Path] = []
 
 
 def check_choices(args: list[str], conf: Path) -> None:
@@ -127,6 +111,7 @@ def _job_app(verb: str) -> Callable[[], None]:
             if multirun:
                 check_sweep_dirs(Path(str(hc.sweep.dir)), run_dir)
             folder = relaunch.check(run_dir, cfg, resuming=cfg.get("resume") is not None)
+            LAST_RUN[:] = [Path(str(hc.sweep.dir)) if multirun else run_dir]
             if folder.state == "done":
                 console.print(f"already done, skipped: {run_dir}")
                 return
@@ -221,6 +206,17 @@ def _check_paths(args: list[str], configs: list, multirun: bool) -> None:
 
 
 def _run_job_verb(verb: str, args: list[str]) -> None:
+    if {"--help", "-h"}.intersection(args):
+        print(usage.verb_help(verb), end="")
+        return
+    script = usage.shell_completion(args)
+    if script is not None:
+        print(script, end="")
+        return
+    if "COMP_LINE" in os.environ and ("-sc" in args or "--shell-completion" in args):
+        # the completion script sends `mmdistill <verb> -sc query=bash` with the verb taken out
+        # of the line, as Hydra reads `<app> <overrides>`
+        os.environ["COMP_LINE"] = os.environ["COMP_LINE"].replace(f" {verb}", "", 1)
     check_choices(args, conf_dir())
     args = job_args(verb, resume_args(verb, args))
     flags = [a for a in args if not config.is_override(a)]
@@ -236,6 +232,7 @@ def _run_job_verb(verb: str, args: list[str]) -> None:
             if relaunch.check(run_dir, configs[0], resuming).state == "done":
                 from mmdistill.console import console
 
+                LAST_RUN[:] = [run_dir]
                 console.print(f"already done, skipped: {run_dir}")
                 return
     register_resolvers()
@@ -244,29 +241,47 @@ def _run_job_verb(verb: str, args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The console script: every message a user error ends with is one line, exit 2; output
+    cut short by a closed pipe (`| head`) ends quietly."""
+    try:
+        _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        # stdout's reader is gone: point it at devnull so the interpreter's final flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage.USAGE, end="")
+        return
+    if argv[0] in ("--version", "-V"):
+        print(f"mmdistill {__version__}")
+        return
+    if argv[0] in ("-sc", "--shell-completion"):
+        script = usage.shell_completion(argv)
+        if script is None:
+            raise UserError("-sc: give install=bash or install=zsh (mmdistill -sc install=bash)")
+        print(script, end="")
         return
     verb, args = argv[0], argv[1:]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.getLogger("root").setLevel(logging.ERROR)
-    try:
-        with _signals_stop(verb), _fs_faults():
-            if verb in JOB_VERBS:
-                _run_job_verb(verb, args)
-            elif verb in FOLDER_VERBS:
-                from mmdistill.jobs import FOLDER_JOBS
+    with _signals_stop(verb), _fs_faults():
+        if verb in JOB_VERBS:
+            _run_job_verb(verb, args)
+        elif verb in FOLDER_VERBS:
+            from mmdistill.jobs import FOLDER_JOBS
 
-                FOLDER_JOBS[verb](args)
-            else:
-                raise UserError(
-                    f"unknown verb {verb!r}; choose one of: {', '.join(JOB_VERBS + FOLDER_VERBS)}"
-                )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+            FOLDER_JOBS[verb](args)
+        else:
+            raise UserError(
+                f"unknown verb {verb!r}; choose one of: {', '.join(JOB_VERBS + FOLDER_VERBS)}"
+            )
 
 
 _MAIN_PID = os.getpid()

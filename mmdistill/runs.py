@@ -24,10 +24,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmdistill import __version__, io
+from mmdistill import io
 from mmdistill.errors import UserError
 from mmdistill.metrics import FILE as METRICS_FILE
 from mmdistill.metrics import Metrics
+from mmdistill.version import __version__
 
 if TYPE_CHECKING:  # torch is imported where a run starts: the CLI's checks stay fast
     import torch

@@ -17,7 +17,10 @@ FLOORS = {
     "mmdistill.report": 5,
     "mmdistill.jobs": 6,
     "mmdistill.cli": 7,
+    "mmdistill.api": 8,  # the Python API: load a set, run a verb
+    "mmdistill.__main__": 8,
 }
+FRONT_DOOR = "mmdistill"  # the package's __init__: exports the API, so it sits on top
 
 
 def modules() -> dict[str, Path]:
@@ -30,6 +33,8 @@ def modules() -> dict[str, Path]:
 
 
 def floor(module: str) -> int:
+    if module == FRONT_DOOR:
+        return max(FLOORS.values()) + 1
     prefix = max((p for p in FLOORS if module == p or module.startswith(p + ".")), key=len)
     return FLOORS[prefix]
 

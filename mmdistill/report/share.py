@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from mmdistill import __version__, io
+from mmdistill import io
 from mmdistill.config import register_resolvers, run_config
 from mmdistill.data.base import ImageTextSplit
 from mmdistill.errors import UserError
@@ -47,6 +47,7 @@ from mmdistill.runs import git_state
 from mmdistill.training.features import RealSplit
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.similarity import build_similarity
+from mmdistill.version import __version__
 
 MARKER = "mmdistill.json"
 FORMAT = "mmdistill-hf-export"
