@@ -107,6 +107,7 @@ def _job_app(verb: str) -> Callable[[], None]:
         run_dir = Path(hc.runtime.output_dir)
         multirun = hc.mode == RunMode.MULTIRUN
         try:
+            config.limited(cfg)
             schema.check(cfg, verb)
             if multirun:
                 check_sweep_dirs(Path(str(hc.sweep.dir)), run_dir)

@@ -162,6 +162,19 @@ def _unparsable(parser: object, override: str) -> bool:
     return False
 
 
+def limited(cfg: DictConfig) -> DictConfig:
+    """`cfg` with the dry-run caps (`limits.experts`, `limits.expert_epochs`) applied to its
+    expert settings, so the saved config says what ran (a method's steps are capped where the
+    method resolves them, DistillContext.steps)."""
+    limits, expert = cfg.get("limits"), cfg.get("expert")
+    if limits is None or expert is None:
+        return cfg
+    for key, cap in (("num_experts", limits.experts), ("epochs", limits.expert_epochs)):
+        if cap is not None and int(expert[key]) > int(cap):
+            expert[key] = int(cap)
+    return cfg
+
+
 def job_configs(verb: str, args: list[str], check: bool = True) -> list[DictConfig]:
     """Compose and check (`schema.check`) the config of every job `mmdistill <verb> <args>`
     would run, before any of them starts: a bad value in one job of a sweep stops the sweep
@@ -174,7 +187,7 @@ def job_configs(verb: str, args: list[str], check: bool = True) -> list[DictConf
     configs = []
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         for job in _expand(verb, overrides, multirun):
-            cfg = _compose_one(verb, job)
+            cfg = limited(_compose_one(verb, job))
             if check:
                 schema.check(cfg, verb)
             configs.append(cfg)

@@ -362,6 +362,7 @@ def distill_context(
         expert=cfg.get("expert"),
         cache_dir=Path(str(cfg.paths.cache_dir)).expanduser(),
         monitor=cfg.get("monitor"),
+        max_steps=cfg.limits.method_steps,
     )
 
 

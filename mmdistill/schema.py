@@ -62,6 +62,15 @@ class Paths:
     data_dir: str = setting(TEXT)
 
 
+@settings
+class Limits:
+    """Caps for dry runs (debug=tiny): any preset runs its code path in seconds."""
+
+    method_steps: int | None = setting(Int(1, null=True))
+    experts: int | None = setting(Int(1, null=True))
+    expert_epochs: int | None = setting(Int(1, null=True))
+
+
 @register("")
 @settings
 class Job:
@@ -75,6 +84,7 @@ class Job:
     resume: str | None = setting(MAYBE_TEXT)
     run_name: str = setting(TEXT)
     paths: Paths = group(Paths)
+    limits: Limits = group(Limits)
 
 
 def _loaded() -> None:

@@ -48,6 +48,11 @@ class DistillContext:
     expert: DictConfig | None = None  # expert settings (trajectory methods)
     cache_dir: Path = Path("~/.cache/mmdistill").expanduser()  # feature and buffer cache
     monitor: DictConfig | None = None  # val checks for curves (monitor.val_every, val_students)
+    max_steps: int | None = None  # a cap on the method's outer-loop steps (debug=tiny)
+
+    def steps(self, wanted: int) -> int:
+        """The outer-loop steps a method runs: its own count, capped by `max_steps`."""
+        return wanted if self.max_steps is None else min(wanted, self.max_steps)
 
 
 def val_r_mean(ctx: DistillContext, pairs: PairSet, students: int, what: str) -> float | None:

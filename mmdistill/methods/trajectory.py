@@ -81,6 +81,7 @@ class _Matching(Task):
         self.m, self.ctx, self.name = method, ctx, method.name
         self.buffer, self.experts, self.embed, self.layout = buffer, experts, embed, layout
         self.syn, self.meta = syn, meta
+        self.total = ctx.steps(method.iterations)
         self.opt = method._optimizer(syn)
         self.gen = torch.Generator().manual_seed(ctx.seed)
         self.best: dict[str, Tensor] | None = None
@@ -102,7 +103,7 @@ class _Matching(Task):
         return self.syn.tensors()
 
     def step(self, at: int, check: FiniteCheck) -> dict[str, Any] | None:
-        it, state, total = at + 1, self.state, self.m.iterations
+        it, state, total = at + 1, self.state, self.total
         t0 = time.perf_counter()
         loss = self.m._iteration(self.ctx, self, it)
         state["seconds"] += time.perf_counter() - t0
@@ -484,9 +485,7 @@ class TrajectoryMatching:
         n = self.budget(ctx.pairs)
         self._check(ctx, n)
         run = self._run(ctx, n)
-        schedule = Schedule(
-            self.iterations, self.checkpoint_every, self.eval_every, last_checkpoint=True
-        )
+        schedule = Schedule(run.total, self.checkpoint_every, self.eval_every, last_checkpoint=True)
         OuterLoop(ctx, run, run.opt, schedule).run()
         state, syn = run.state, run.syn
         state["wall"] = time.perf_counter() - run.clock

@@ -218,7 +218,7 @@ class CovMatch:
             self._need_full_statistics(ctx, f"method.within={self.within}")
             within = Within.of(self.within, ctx.train, stats, storage, ctx.device)
         return Plan(
-            n_syn, rho, float(s["lambda"]), int(s["steps"]), int(s["syn_batch"]), gen,
+            n_syn, rho, float(s["lambda"]), ctx.steps(int(s["steps"])), int(s["syn_batch"]), gen,
             weights, real_cov, real_means, storage, within, rank, bits,
         )  # fmt: skip
 
