@@ -7,20 +7,31 @@ is logged that the file does not hold. A logger attached to a run that already h
 resumed run) first replays those, unless its own earlier output is there (TensorBoard's event
 files). The logger's package is imported only when it is chosen, and a missing one is one line
 naming the install command.
+
+So that runs can be compared, a job that ends with a `results.json` also sends its final
+recalls (the summary means, `final/<metric>`) with the flattened run config (`method.lr`,
+`result.pairs`, ...): TensorBoard's HParams dashboard (`add_hparams`), W&B's run config and
+summary. They are read from the files the job wrote, like everything else a logger sends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mmdistill import io
 from mmdistill.errors import UserError
 from mmdistill.metrics import FILE, add_sink, read, remove_sink, values
 from mmdistill.settings import BOOL, MAYBE_TEXT, TEXT, NoKeys, register, setting, settings
 
 LOGGERS = ("none", "tensorboard", "wandb")
+RESULTS = "results.json"  # the job's final summary, written by every evaluating verb
+FINAL = ("r_mean", "TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")  # summary means sent
+FACTS = ("pairs", "train_pairs", "precision")  # results.json values the config cannot know
+Hparam = int | float | str | bool
 register("logger.", "logger.name", "none")(NoKeys)
 
 
@@ -65,6 +76,11 @@ class TensorBoard:
                 walltime=record.get("time"),
             )
 
+    def final(self, hparams: dict[str, Hparam], metrics: dict[str, float]) -> None:
+        """The run's row in the HParams dashboard, written into this same run folder (`.`) so
+        that the dashboard's row and the curves are one TensorBoard run."""
+        self.writer.add_hparams(hparams, metrics, run_name=".")
+
     def close(self) -> None:
         self.writer.close()
 
@@ -88,7 +104,7 @@ class WandB:
             name=Path(run_dir).name,
             dir=str(run_dir),
             mode="online" if bool(cfg.get("online", False)) else "offline",
-            config=config,
+            config=flat_config(config),  # dotted keys, as overrides spell them
         )
 
     def __call__(self, record: dict[str, Any]) -> None:
@@ -101,8 +117,45 @@ class WandB:
         row[f"{stream}/step"] = int(record["step"])
         self.run.log(row)
 
+    def final(self, hparams: dict[str, Hparam], metrics: dict[str, float]) -> None:
+        """The run's columns in the W&B runs table: the config with what only the end knows
+        (`result.pairs`, ...), and the final recalls as its summary."""
+        self.run.config.update(hparams, allow_val_change=True)
+        self.run.summary.update(metrics)
+
     def close(self) -> None:
         self.run.finish()
+
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Hparam]:
+    """A nested config as one level of dotted keys (`method.lr`), each value one that
+    TensorBoard's hparams take: lists, None and empty groups as JSON text (`[60,20,30]`,
+    `null`), the way an override spells them."""
+    out: dict[str, Hparam] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_config(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value, separators=(",", ":"), default=str)
+    return out
+
+
+def final_row(
+    config: dict[str, Any], results: dict[str, Any]
+) -> tuple[dict[str, Hparam], dict[str, float]]:
+    """What a finished run is compared by: the flattened config plus the facts only its
+    results know (the resolved budget, precision), and the summary's recall means."""
+    hparams = flat_config(config)
+    facts = {k: results[k] for k in FACTS if isinstance(results.get(k), Hparam)}
+    hparams.update({f"result.{k}": v for k, v in facts.items()})
+    summary = results.get("summary") or {}
+    metrics = {f"final/{m}": float(summary[m]["mean"]) for m in FINAL if m in summary}
+    if "r_mean" in summary:
+        metrics["final/r_mean_std"] = float(summary["r_mean"]["std"])
+    return hparams, metrics
 
 
 def build(
@@ -122,7 +175,8 @@ def build(
 
 @contextlib.contextmanager
 def attached(cfg: Any, run_dir: Path, config: Callable[[], dict[str, Any]]) -> Iterator[None]:
-    """Feed the run's metrics records to the chosen logger while the job runs."""
+    """Feed the run's metrics records to the chosen logger while the job runs, and its final
+    results when it ends with them (not when it fails: a failed run has no row to compare)."""
     logger = build(cfg, run_dir, config)
     if logger is None:
         yield
@@ -134,6 +188,9 @@ def attached(cfg: Any, run_dir: Path, config: Callable[[], dict[str, Any]]) -> I
                 logger(record)
         add_sink(path, logger)
         yield
+        results = Path(run_dir) / RESULTS
+        if results.is_file():
+            logger.final(*final_row(config(), io.read_json(results, kind=dict)))
     finally:
         remove_sink(path, logger)
         logger.close()

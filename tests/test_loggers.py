@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mmdistill import loggers, metrics
+from mmdistill import io, loggers, metrics
 from mmdistill.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +52,96 @@ def test_tensorboard_event_files_hold_the_metrics_records(tmp_path: Path) -> Non
         assert [(s, pytest.approx(v), pytest.approx(t)) for s, v, t in points] == got, tag
 
 
+CONFIG = {
+    "seed": 0,
+    "method": {"name": "covmatch", "lr": 0.1, "frozen": True, "layers": [1, 2]},
+    "budget": {"pairs": 100, "ratio": None},
+    "monitor": {},
+}
+FLAT = {
+    "seed": 0,
+    "method.name": "covmatch",
+    "method.lr": 0.1,
+    "method.frozen": True,
+    "method.layers": "[1,2]",
+    "budget.pairs": 100,
+    "budget.ratio": "null",
+    "monitor": "{}",
+}
+SUMMARY = {
+    m: {"mean": 10.0 + i, "std": 0.5 + i}
+    for i, m in enumerate(("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean"))
+}
+RESULTS = {"pairs": 96, "train_pairs": 300, "precision": "fp32", "summary": SUMMARY}
+FINAL = {f"final/{m}": v["mean"] for m, v in SUMMARY.items()} | {"final/r_mean_std": 6.5}
+
+
+def finish_a_run(run_dir: Path) -> None:
+    """What a job leaves behind: a metrics record and its results.json."""
+    metrics.Metrics(run_dir / metrics.FILE).write("method", 3, loss=1.0)
+    io.write_json(run_dir / "results.json", {**RESULTS, "students": [], "method": "covmatch"})
+
+
+def test_the_config_flattens_to_dotted_keys_and_hparam_values() -> None:
+    assert loggers.flat_config(CONFIG) == FLAT
+    hparams, final = loggers.final_row(CONFIG, RESULTS)
+    assert hparams == FLAT | {
+        "result.pairs": 96,
+        "result.train_pairs": 300,
+        "result.precision": "fp32",
+    }
+    assert final == FINAL
+
+
+def test_tensorboard_gets_the_final_recalls_and_the_run_config(tmp_path: Path) -> None:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    cfg = OmegaConf.create({"name": "tensorboard", "dir": "tb"})
+    with loggers.attached(cfg, tmp_path, lambda: CONFIG):
+        finish_a_run(tmp_path)
+    events = accumulator.EventAccumulator(str(tmp_path / "tb"))  # one run: curves and row
+    events.Reload()
+    content = events.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    got = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert got == {k: float(v) if isinstance(v, bool) else v for k, v in FLAT.items()} | {
+        "result.pairs": 96,
+        "result.train_pairs": 300,
+        "result.precision": "fp32",
+    }  # torch's add_hparams keeps a bool as the number 0/1
+    assert "method/loss" in events.Tags()["scalars"]
+    for tag, value in FINAL.items():
+        assert [e.value for e in events.Scalars(tag)] == [pytest.approx(value)], tag
+
+
+def test_a_failed_job_sends_no_final_row(tmp_path: Path) -> None:
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = OmegaConf.create({"name": "tensorboard", "dir": "tb"})
+    with pytest.raises(RuntimeError), loggers.attached(cfg, tmp_path, lambda: CONFIG):
+        finish_a_run(tmp_path)
+        raise RuntimeError("the report failed")
+    events = accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["method/loss"]
+    with pytest.raises(KeyError):  # no hparams data at all
+        events.PluginTagToContent("hparams")
+
+
+class Recorder:
+    """W&B's run.config / run.summary: what `update` was called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict, dict]] = []
+
+    def update(self, values: dict, **options: object) -> None:
+        self.calls.append((values, options))
+
+
 class FakeRun:
     def __init__(self, **init: object) -> None:
         self.init, self.defined, self.rows, self.finished = init, [], [], False
+        self.config, self.summary = Recorder(), Recorder()
 
     def define_metric(self, name: str, step_metric: str | None = None) -> None:
         self.defined.append((name, step_metric))
@@ -89,9 +176,27 @@ def test_wandb_is_offline_by_default_and_replays_the_records(
         "method/step": 10,
     }
     assert len(run.rows) == len(records) + 1 and run.rows[-1]["method/step"] == 20
+    assert run.config.calls == run.summary.calls == []  # no results.json: no final row
     with loggers.attached(OmegaConf.merge(cfg, {"online": True}), tmp_path, dict):
         pass
     assert runs[-1].init["mode"] == "online"
+
+
+def test_wandb_gets_the_flat_config_and_the_final_recalls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: runs.append(FakeRun(**kw)) or runs[-1]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = OmegaConf.create({"name": "wandb", "online": False, "project": "p", "entity": None})
+    with loggers.attached(cfg, tmp_path, lambda: CONFIG):
+        finish_a_run(tmp_path)
+    (run,) = runs
+    assert run.init["config"] == FLAT  # comparable from the start, even if the job fails
+    hparams = FLAT | {"result.pairs": 96, "result.train_pairs": 300, "result.precision": "fp32"}
+    assert run.config.calls == [(hparams, {"allow_val_change": True})]
+    assert run.summary.calls == [(FINAL, {})] and run.finished
 
 
 def test_a_missing_logger_package_is_one_line_naming_the_install(tmp_path: Path) -> None:

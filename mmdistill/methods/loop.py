@@ -12,6 +12,7 @@ set as the run's partial distilled set and stops with the task's fix.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from mmdistill.methods.base import DistillContext, keep_partial
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.trainer import FiniteCheck, default_check_every
 
+log = logging.getLogger(__name__)
 STREAM = "method"  # the metrics.jsonl stream of every method's records
 
 
@@ -113,6 +115,7 @@ class OuterLoop:
         if self.resume() is None and s.first_checkpoint:
             self.save(0)
         progress = ctx.progress
+        self._plan()
         bar = None
         if progress is not None:
             bar = progress.add_task(self.task.name, total=s.steps, completed=self.start)
@@ -137,6 +140,12 @@ class OuterLoop:
         self.check.flush()
         if bar is not None:
             progress.remove_task(bar)
+
+    def _plan(self) -> None:
+        """One log line before the longest stage of a run, so a log says what it waits for
+        (the bar, or outside a terminal its plain lines, count the steps down)."""
+        resuming = f", resuming after step {self.start:,}" if self.start else ""
+        log.info("%s: %s steps%s", self.task.name, f"{self.schedule.steps:,}", resuming)
 
     def _checkpoint_due(self, done: int) -> bool:
         s = self.schedule
