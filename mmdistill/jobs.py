@@ -557,6 +557,8 @@ def report(args: list[str]) -> None:
         check = load_page(page.path, screenshot=ns.screenshot)
         for line in check.errors:
             print(f"page error: {line}", file=sys.stderr)
+        for where in check.overflow:  # a headless screenshot shows no scroll bar: it looks cut
+            print(f"page layout: {where} is wider than the window", file=sys.stderr)
         print(ns.screenshot, file=sys.stderr)
 
 

@@ -4,7 +4,7 @@ Chromium speaks the DevTools protocol over two pipes (`--remote-debugging-pipe`:
 commands on fd 3 and writes replies on fd 4, each a JSON message ended by a NUL byte), so no
 websocket client and no browser download is needed, only Debian's `chromium` package. A page
 passes when it loads with no console error, no uncaught exception, no failed load and no request
-off the page, and every `<img>` has decoded.
+off the page, and every `<img>` has decoded; `overflow` names the sections cut off sideways.
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ FLAGS = (
     "--remote-debugging-pipe",
 )
 IMAGES = "JSON.stringify([...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0]))"
+# Content cut off sideways: the page wider than the window, or a scrolling wrapper (`.wide`)
+# narrower than what it holds (a headless screenshot shows no scroll bar, so it just looks cut).
+OVERFLOW = (
+    "JSON.stringify([...(document.documentElement.scrollWidth > innerWidth ? ['page'] : []),"
+    " ...[...document.querySelectorAll('.wide')].filter(e => e.scrollWidth > e.clientWidth + 1)"
+    ".map(e => (e.closest('section') || {}).id || 'wide')])"
+)
 
 
 def find_browser() -> str | None:
@@ -51,6 +58,7 @@ class PageCheck:
     images: int = 0  # <img> elements on the page
     broken: list[str] = field(default_factory=list)  # alt text of images that did not decode
     requests: list[str] = field(default_factory=list)  # URLs fetched besides the page itself
+    overflow: list[str] = field(default_factory=list)  # sections whose content is cut sideways
 
 
 class _DevTools:
@@ -181,6 +189,7 @@ def load_page(
             tools.wait_for("Page.loadEventFired")
             images = tools.call("Runtime.evaluate", session, expression=IMAGES, returnByValue=True)
             states = json.loads(images["result"]["value"])
+            wide = tools.call("Runtime.evaluate", session, expression=OVERFLOW, returnByValue=True)
             if screenshot is not None:
                 size = tools.call("Page.getLayoutMetrics", session)["cssContentSize"]
                 shot = tools.call(
@@ -200,4 +209,5 @@ def load_page(
         images=len(states),
         broken=[alt for alt, ok in states if not ok],
         requests=requests,
+        overflow=json.loads(wide["result"]["value"]),
     )

@@ -1,10 +1,13 @@
 """`report.html`: one self-contained page per run or sweep (`mmdistill report <folder>`).
 
 Everything a person judges a run by, in one file that opens offline: images are inline (base64
-PNG / JPEG), there is no script and no link off the page. A run page shows the recall table,
-the curves from `metrics.jsonl`, the distilled set as a square grid with each pair's decoded
-caption, the learned similarity / correspondence matrix, timings and cost, and the config. A
-sweep page shows the paper-layout table, recall against pairs and a link to each run's page.
+PNG / JPEG), there is no script and no link off the page. A run page shows the recall table
+(with random-pairs and full-data references where the tree around the run holds them, see
+`references`), the curves from `metrics.jsonl` with a note per loss term, the distilled set as a
+square grid with each pair's decoded caption, the learned similarity / correspondence matrix,
+timings and cost, and the config. A sweep page shows the paper-layout table (one per budget,
+wrapping), recall against pairs and a link to each run's page. Pages name folders relative to
+the working directory or the outputs root, never by an absolute path.
 
 Bad input never stops a page: a missing or damaged file costs its section, with one line in
 `Page.problems` (printed by the verb) and the same line on the page.
@@ -31,7 +34,8 @@ from mmdistill.config import run_config
 from mmdistill.data.base import ImageTextSplit
 from mmdistill.errors import UserError
 from mmdistill.models.encoders import Encoder
-from mmdistill.report import curves, table_files, tables
+from mmdistill.report import curves, references, table_files, tables
+from mmdistill.report.html import table as _table
 from mmdistill.report.recall import COLUMNS
 from mmdistill.report.visuals import heatmap_png, real_train, set_entries
 from mmdistill.training.features import RealSplit
@@ -53,7 +57,9 @@ img.plot{max-width:100%;display:block;margin:6px 0}
 .grid{display:grid;gap:8px}.grid figure{margin:0}.grid img{width:100%;display:block;
 border:1px solid #ccc;aspect-ratio:1/1;object-fit:cover}.grid img.px{image-rendering:pixelated}
 .grid figcaption{font-size:11px;line-height:1.25;margin-top:2px;overflow-wrap:anywhere}
-.grid .n{color:#888}.wide{overflow-x:auto}
+.grid .n{color:#888}.wide{overflow-x:auto;max-width:100%}
+.budgets{display:flex;flex-wrap:wrap;gap:4px 24px;align-items:flex-start}
+.budgets table{font-size:12.5px}.budgets th,.budgets td{padding:2px 5px}
 pre{background:#f5f5f7;padding:8px;overflow:auto;font-size:12px}
 """
 
@@ -88,18 +94,6 @@ def _encode(image: Image.Image, photo: bool) -> tuple[bytes, str]:
         return buffer.getvalue(), "jpeg"
     image.save(buffer, format="PNG")
     return buffer.getvalue(), "png"
-
-
-def _table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
-    """An HTML table of already-escaped cells; the first `left` columns align left."""
-
-    def cells(tag: str, row: list[str]) -> str:
-        return "".join(
-            f"<{tag}{' class=l' if i < left else ''}>{c}</{tag}>" for i, c in enumerate(row)
-        )
-
-    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
-    return f"<table><tr>{cells('th', head)}</tr>{body}</table>"
 
 
 def _document(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str:
@@ -171,7 +165,7 @@ def _stat(summary: dict[str, Any], key: str) -> str:
     return f"{float(s['mean']):.2f}±{float(s['std']):.2f}" if "mean" in s else "-"
 
 
-def _recall(run_dir: Path, meta: dict[str, Any]) -> str:
+def _recall(run_dir: Path, meta: dict[str, Any], refs: list[references.Reference]) -> str:
     path = run_dir / "results.json"
     if not path.is_file():
         status = meta.get("status", "unknown")
@@ -192,10 +186,11 @@ def _recall(run_dir: Path, meta: dict[str, Any]) -> str:
         _table(head, rows)
         + f"<details><summary>every student</summary>{_table(head, per)}</details>"
         + f'<p class="note">test split, recall in %. Protocol: {escape(shown)}</p>'
+        + references.html(refs, run_dir)
     )
 
 
-def _curves(run_dir: Path, problems: list[str]) -> str:
+def _curves(run_dir: Path, problems: list[str], refs: list[references.Reference]) -> str:
     path = run_dir / metrics.FILE
     if not path.is_file():
         raise Missing(f"no {metrics.FILE}: this run recorded no curves")
@@ -203,13 +198,16 @@ def _curves(run_dir: Path, problems: list[str]) -> str:
     problems.extend(damaged)
     if not records:
         raise Missing(f"{metrics.FILE} holds no readable record")
-    figs = curves.figures(metrics.series(records))
+    lines = references.lines(refs, _optional_json(run_dir / "results.json"))
+    figs = curves.figures(metrics.series(records), references.method_family(run_dir), lines)
     if not figs:
         raise Missing(f"{metrics.FILE} holds no numeric values to plot")
     parts = []
     for fig in figs:
         parts.append(f"<h3>{escape(fig.title)}</h3>{_img(fig.png, alt=fig.text)}")
         parts.append(f'<p class="note">{escape(fig.text)}</p>')
+        notes = "".join(f"<li><b>{escape(k)}</b>: {escape(v)}</li>" for k, v in fig.notes)
+        parts.append(f'<ul class="note">{notes}</ul>' if notes else "")
     return "".join(parts)
 
 
@@ -391,8 +389,15 @@ def run_report(
         meta = _read_json(run_dir / "meta.json")
     except Missing as err:
         sections.problems.append(f"{run_dir}: {err}")
-    sections.add("recall", "Recall", lambda: _recall(run_dir, meta))
-    sections.add("curves", "Curves", lambda: _curves(run_dir, sections.problems))
+    refs: list[references.Reference] = []
+    try:
+        refs = references.find(run_dir)
+    except Exception as err:  # a strange tree around the run costs the references only
+        sections.problems.append(
+            f"{run_dir}: references not searched ({type(err).__name__}: {err})"
+        )
+    sections.add("recall", "Recall", lambda: _recall(run_dir, meta, refs))
+    sections.add("curves", "Curves", lambda: _curves(run_dir, sections.problems, refs))
     distilled = held.pairs is not None or (run_dir / "distilled.safetensors").is_file()
     if distilled or meta.get("verb") == "distill":
         sections.add(
@@ -404,7 +409,8 @@ def run_report(
     finished = (run_dir / "results.json").is_file()
     state = "finished" if finished else f"status {meta.get('status', '?')}"
     sub = escape(
-        f"{run_dir} · {meta.get('verb', '?')} · {state} · seed {meta.get('seed', '?')} · "
+        f"{references.shown_path(run_dir)} · {meta.get('verb', '?')} · {state} · "
+        f"seed {meta.get('seed', '?')} · "
         f"started {meta.get('started', '?')}"
     )
     io.write_text(out, _document(_title(run_dir, meta), sub, sections.finish()))
@@ -415,18 +421,27 @@ def run_report(
 
 
 def _html_table(table: tables.Table) -> str:
-    """The paper layout: methods x budgets, TR/IR@1/5/10 and r_mean, best in bold."""
+    """The paper layout, methods x budgets with TR/IR@1/5/10 and r_mean, best in bold, as one
+    table per budget: they sit side by side where the page has room and wrap below where it
+    has not (a single wide table hid its last budgets past the page's edge), and each scrolls
+    sideways on a screen narrower than itself."""
+    blocks = "".join(f'<div class="wide">{_budget_table(table, [b])}</div>' for b in table.budgets)
+    return f'<div class="budgets">{blocks}</div>'
+
+
+def _budget_table(table: tables.Table, budgets: list[tuple[str, float]]) -> str:
+    """The rows of `table` at `budgets`, one column group per budget."""
     lead = ["Method", "Draws"] + (["Setting"] if table.has_setting else [])
     k = len(tables.METRICS)
     top = "".join(f'<th class=l rowspan="2">{escape(h)}</th>' for h in lead)
-    top += "".join(f'<th colspan="{k}">{escape(table.budget_label(b))}</th>' for b in table.budgets)
-    sub = "".join(f"<th>{escape(m)}</th>" for m in tables.METRICS) * len(table.budgets)
+    top += "".join(f'<th colspan="{k}">{escape(table.budget_label(b))}</th>' for b in budgets)
+    sub = "".join(f"<th>{escape(m)}</th>" for m in tables.METRICS) * len(budgets)
     rows = []
     for row in table.rows:
         cells = [table.label(row), table.draws(row)]
         cells += [table.setting(row)] if table.has_setting else []
         html_cells = "".join(f"<td class=l>{escape(c)}</td>" for c in cells)
-        for b in table.budgets:
+        for b in budgets:
             for m in tables.METRICS:
                 text = escape(tables.fmt(table.cell(row, b), m))
                 best = table.best(b, m)
@@ -439,8 +454,7 @@ def _html_table(table: tables.Table) -> str:
                 )
                 html_cells += f"<td>{'<b>' + text + '</b>' if bold else text}</td>"
         rows.append(f"<tr>{html_cells}</tr>")
-    table_html = f"<table><tr>{top}</tr><tr>{sub}</tr>{''.join(rows)}</table>"
-    return f'<div class="wide">{table_html}</div>'
+    return f"<table><tr>{top}</tr><tr>{sub}</tr>{''.join(rows)}</table>"
 
 
 def _settings(table: tables.Table) -> str:
@@ -534,7 +548,7 @@ def sweep_report(
     if listing:
         head = ["run", "method", "pairs", "seed", "r_mean", "status"]
         sections.add("runs", "Runs", lambda: _table(head, listing, left=2))
-    sub = escape(f"{folder} · {len(runs)} runs")
+    sub = escape(f"{references.shown_path(folder)} · {len(runs)} runs")
     io.write_text(out, _document(f"sweep {folder.name}", sub, sections.finish()))
     return Page(out, sections.problems)
 
