@@ -27,6 +27,8 @@ FOLDER_VERBS = ("table", "export", "report")
 # Hydra flags that only print: their command composes no job, or shows the config as given.
 HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 CFG_FLAGS = {"--cfg", "-c"}
+# Flags Hydra runs instead of a sweep (it refuses them next to -m with a traceback).
+ONE_JOB_FLAGS = CFG_FLAGS | {"--info", "-i", "--shell-completion", "-sc"}
 USAGE = """usage: mmdistill <verb> [options]
 
 job verbs (Hydra apps; `mmdistill <verb> --help` lists config groups and overrides):
@@ -225,6 +227,12 @@ def _run_job_verb(verb: str, args: list[str]) -> None:
     args = job_args(verb, resume_args(verb, args))
     flags = [a for a in args if not config.is_override(a)]
     printing = bool(CFG_FLAGS.intersection(flags))
+    one_job = sorted(ONE_JOB_FLAGS.intersection(flags))
+    if one_job and any(a in config.MULTIRUN_FLAGS for a in flags):
+        raise UserError(
+            f"{one_job[0]} shows one job, not a sweep: drop -m and give one value per swept key "
+            "(e.g. method=random budget.pairs=100)"
+        )
     if not HELP_FLAGS.intersection(flags):
         configs = config.job_configs(verb, args, check=not printing)
         multirun = any(a in config.MULTIRUN_FLAGS for a in flags)
