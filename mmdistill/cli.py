@@ -29,6 +29,8 @@ HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completio
 CFG_FLAGS = {"--cfg", "-c"}
 # The folder of the last job this process ran (`mmdistill.run` returns it).
 LAST_RUN: list[Path] = []
+# Flags Hydra runs instead of a sweep (it refuses them next to -m with a traceback).
+ONE_JOB_FLAGS = CFG_FLAGS | {"--info", "-i", "--shell-completion", "-sc"}
 
 
 def check_choices(args: list[str], conf: Path) -> None:
@@ -222,6 +224,12 @@ def _run_job_verb(verb: str, args: list[str]) -> None:
     args = job_args(verb, resume_args(verb, args))
     flags = [a for a in args if not config.is_override(a)]
     printing = bool(CFG_FLAGS.intersection(flags))
+    one_job = sorted(ONE_JOB_FLAGS.intersection(flags))
+    if one_job and any(a in config.MULTIRUN_FLAGS for a in flags):
+        raise UserError(
+            f"{one_job[0]} shows one job, not a sweep: drop -m and give one value per swept key "
+            "(e.g. method=random budget.pairs=100)"
+        )
     if not HELP_FLAGS.intersection(flags):
         configs = config.job_configs(verb, args, check=not printing)
         multirun = any(a in config.MULTIRUN_FLAGS for a in flags)

@@ -5,8 +5,9 @@
   skipped, failed or interrupted ones run again (and resume from their checkpoints).
 * `budget.ratio=r` asks for round(r x training pairs) pairs, as the papers' compression ratios.
 * `SweepCallback` (configured under hydra.callbacks) limits torch threads per job so parallel
-  workers do not oversubscribe the cores, spreads joblib workers over the visible GPUs, and
-  lists the jobs that did not finish when the sweep ends.
+  workers do not oversubscribe the cores (joblib's n_jobs, submitit's cpus_per_task), spreads
+  joblib workers over the visible GPUs, and lists the jobs that did not finish when the sweep
+  ends. The submitit launchers (mmdistill.launchers) also skip finished jobs before submitting.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def job_args(verb: str, args: list[str]) -> list[str]:
     """Command-line overrides as Hydra should see them: stable sweep folder, ratio budgets."""
     given = {_key(a): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
     launcher = given.get("hydra/launcher", "")
-    if launcher.startswith(("slurm", "submitit")) and not _has_module(SUBMITIT):
+    if launcher.startswith(("slurm", "submitit", "local")) and not _has_module(SUBMITIT):
         raise UserError(
             f"hydra/launcher={launcher} needs the submitit plugin: pip install 'mmdistill[slurm]'"
         )
@@ -142,11 +143,20 @@ def _has_module(name: str) -> bool:
         return False
 
 
+def job_folders(sweep_dir: Path) -> list[Path]:
+    """A sweep's job folders: those with `.hydra/overrides.yaml` (a job that started) or only a
+    `meta.json` (a job that failed before, or died before, recording its config), not counting
+    folders inside another job's."""
+    sweep_dir = Path(sweep_dir)
+    found = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
+    found |= {p.parent for p in sweep_dir.rglob("meta.json")}
+    return sorted(f for f in found if not any(a in found for a in f.parents))
+
+
 def unfinished_jobs(sweep_dir: Path) -> list[tuple[Path, str]]:
     """Job folders of a sweep without a `done` marker, with the reason meta.json records."""
     out = []
-    for saved in sorted(Path(sweep_dir).rglob(".hydra/overrides.yaml")):
-        job = saved.parent.parent
+    for job in job_folders(sweep_dir):
         if (job / "done").is_file():
             continue
         reason = "interrupted or not started"
@@ -200,13 +210,17 @@ class SweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         import torch
 
-        launcher = str(config.hydra.launcher.get("_target_", ""))
-        parallel = "joblib" in launcher
+        launcher = config.hydra.launcher
+        parallel = "joblib" in str(launcher.get("_target_", ""))
         threads = config.get("threads")
         if threads is None and parallel:
-            n_jobs = int(config.hydra.launcher.get("n_jobs", -1))
+            n_jobs = int(launcher.get("n_jobs", -1))
             cores = os.cpu_count() or 1
             threads = 1 if n_jobs <= 0 else max(1, cores // n_jobs)
+        elif threads is None and launcher.get("cpus_per_task"):
+            # submitit: the job's share of the machine (SLURM's allocation), which torch's
+            # default (every core of the node) would oversubscribe.
+            threads = int(launcher.cpus_per_task)
         if threads is not None:
             torch.set_num_threads(int(threads))
         logging.getLogger("mmdistill.sweeps").info("torch threads: %d", torch.get_num_threads())
@@ -223,7 +237,7 @@ class SweepCallback(Callback):
 
         console = Console(stderr=True, soft_wrap=True)  # job paths stay one line
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs = list(sweep_dir.rglob(".hydra/overrides.yaml"))
+        jobs = job_folders(sweep_dir)
         failed = unfinished_jobs(sweep_dir)
         took = time.perf_counter() - self.started
         console.print(

@@ -166,6 +166,9 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "mmdistill/conf/distill.yaml" in names
     assert "mmdistill/models/model_configs/mmd-tiny.json" in names
+    # the submitit launchers, in Hydra's plugin namespace, which stays a namespace package
+    assert "hydra_plugins/mmdistill_launchers/submitit.py" in names
+    assert "hydra_plugins/__init__.py" not in names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = "from mmdistill.config import conf_dir; print(conf_dir())"

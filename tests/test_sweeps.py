@@ -1,8 +1,10 @@
-"""Sweeps: ratio budgets, stable sweep folders, kill + relaunch, parallel jobs, failure list."""
+"""Sweeps: ratio budgets, stable sweep folders, kill + relaunch, parallel jobs, failure list,
+submitit's local executor (the SLURM launcher's code path)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,4 +185,80 @@ def test_slurm_launcher_config() -> None:
         pytest.skip("hydra-submitit-launcher not installed (pip install 'mmdistill[slurm]')")
     assert p.returncode == 0, p.stderr
     launcher = OmegaConf.create(p.stdout).hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 1
+    assert launcher._target_ == "hydra_plugins.mmdistill_launchers.submitit.SlurmLauncher"
+    assert launcher.gpus_per_node == 1 and launcher.cpus_per_task == 8
+    given = OmegaConf.to_container(launcher)  # unresolved: hydra.sweep.dir is set at launch
+    assert given["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"  # in the sweep folder
+
+
+def test_a_sweep_cannot_print_one_config_nor_submit_without_slurm(tmp_path: Path) -> None:
+    p = run("distill", "-m", "method=random,herding", "--cfg", "hydra", outputs=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --cfg shows one job, not a sweep: drop -m and give one value per swept key "
+        "(e.g. method=random budget.pairs=100)"
+    ], p.stderr
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    if shutil.which("srun"):
+        pytest.skip("a SLURM machine: the sweep would be submitted")
+    p = run("distill", "-m", "hydra/launcher=slurm", *TINY, "budget.pairs=4,6", outputs=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert (
+        p.stderr.strip()
+        .splitlines()[-1]
+        .startswith('error: hydra/launcher=slurm cannot submit here (Could not detect "srun"')
+    ), p.stderr
+    assert not jobs(tmp_path)  # nothing ran
+
+
+def submitted(outputs: Path) -> int:
+    """submitit jobs a sweep under outputs has submitted (one folder per job id)."""
+    return sum(1 for d in outputs.rglob(".submitit/*") if d.name.isdigit())
+
+
+def test_submitit_sweep_skips_finished_jobs_and_lists_failed_and_killed_ones(
+    tmp_path: Path,
+) -> None:
+    """hydra/launcher=local: submitit's local executor, the SLURM launcher's code path (each
+    point one process, all at once). One point fails in its job, one is killed outright (the
+    OOM killer, a node failure); the third keeps its results, and the relaunch submits only
+    the two unfinished jobs."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = ["distill", "-m", "hydra/launcher=local", "hydra.launcher.cpus_per_task=1", *TINY]
+    env = {**os.environ, "MMDISTILL_OUTPUTS": str(tmp_path)}
+    log = tmp_path / "first-launch.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            cli(*sweep, "budget.pairs=4,6,100000", outputs=tmp_path), cwd=REPO, env=env,
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        job = jobs(tmp_path).get("6")  # .hydra/ is written after the job's pid in .lock
+        if job is not None:
+            killed = int((job / ".lock").read_text())
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    assert proc.wait(timeout=300) == 1 and killed is not None, log.read_text()[-3000:]
+    stderr = log.read_text()
+    tail = stderr[stderr.index("jobs done") :]
+    assert "1/3 jobs done" in stderr and "2 job(s) did not finish" in tail, stderr[-3000:]
+    lines = {o.split(",")[0]: line for line in tail.splitlines() for o in [line.strip()]}
+    assert "larger than the training set" in lines["budget.pairs=100000"]
+    assert "ended without finishing" in lines["budget.pairs=6"]
+    assert "its log: .submitit/" in lines["budget.pairs=6"]
+    found = jobs(tmp_path)
+    assert (found["4"] / "done").is_file() and (found["4"] / "results.json").is_file()
+    assert io.read_json(found["6"] / "meta.json")["status"] == "failed"
+    assert "torch threads: 1" in (found["4"] / "cli.log").read_text()  # cpus_per_task
+    meta_before = (found["4"] / "meta.json").read_text()
+    assert submitted(tmp_path) == 3
+
+    p = run(*sweep, "budget.pairs=100000,6,4", outputs=tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert f"already done, skipped: {found['4']}" in p.stderr  # before submission
+    assert "2/3 jobs done" in p.stderr and "1 job(s) did not finish" in p.stderr
+    assert submitted(tmp_path) == 5  # the finished job was not submitted again
+    after = jobs(tmp_path)
+    assert (after["6"] / "results.json").is_file() and (after["6"] / "done").is_file()
+    assert (after["4"] / "meta.json").read_text() == meta_before  # not run again
+    assert after["6"] == found["6"] and io.read_json(after["6"] / "meta.json")["status"] == "done"
