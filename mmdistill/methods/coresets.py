@@ -11,12 +11,14 @@ the pixels and token ids.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
 
+from mmdistill.errors import UserError
 from mmdistill.methods import settings
 from mmdistill.methods.base import DistillContext
 from mmdistill.models.encoders import Tokens
@@ -24,14 +26,48 @@ from mmdistill.models.student import Student, is_image_features, is_text_feature
 from mmdistill.settings import from_cfg
 from mmdistill.training.losses import LOSSES
 from mmdistill.training.pairs import PairSet
+from mmdistill.training.storage import float32_bytes, rows_storage
 from mmdistill.training.trainer import Batches, Recipe, Trainer
 
 log = logging.getLogger(__name__)
 PROVENANCE = "our re-run (no public implementation of this multimodal coreset exists)"
 
 
-def _selected(ctx: DistillContext, idx: Tensor, method: str, **meta: object) -> PairSet:
+def stored_count(ctx: DistillContext, bits: int) -> int:
+    """How many real pairs a coreset keeps: the budget's pairs in float32, else as many as the
+    budget's bytes hold at `bits` (frozen-trunk feature rows only), at most all of them."""
+    if bits == 32:
+        return ctx.pairs
+    train = ctx.train
+    if not (is_image_features(train.images) and is_text_features(train.texts)):
+        raise UserError(
+            f"method.bits={bits} stores feature rows, but this encoder trains a trunk; use "
+            "frozen trunks (e.g. encoder=lite0_minilm) or method.bits=32"
+        )
+    dims = (train.images.shape[1], train.texts.shape[1])
+    n = rows_storage(bits).pairs_that_fit(float32_bytes(ctx.pairs, dims), dims)
+    if n > train.n_pairs:
+        log.warning("%d pairs fit at %d bits; the data has %d", n, bits, train.n_pairs)
+    return min(n, train.n_pairs)
+
+
+def _selected(
+    ctx: DistillContext, idx: Tensor, method: str, bits: int = 32, **meta: object
+) -> PairSet:
+    """The selected real pairs as the set stores them: float32 rows, or rows encoded at `bits`
+    (int8 codes about the real means) and decoded back, with their records."""
     pairs = ctx.train.pairset(idx)
+    if bits != 32:
+        train = ctx.train
+        means = (train.images[train.caption_image].float().mean(0), train.texts.float().mean(0))
+        parts = rows_storage(bits, means).encode(pairs.images, pairs.texts)
+        pairs = replace(
+            pairs,
+            images=parts["images"].decode(),
+            texts=parts["texts"].decode(),
+            factors=parts,
+        )
+        meta = {"bits": bits, **meta}
     pairs.meta.update(method=method, provenance=PROVENANCE, **meta)
     return pairs
 
@@ -77,12 +113,17 @@ class RandomPairs:
     """Uniformly sampled real pairs: the floor every method must beat."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
+        self.cfg = from_cfg(settings.Coreset, cfg, "method.")
 
     def distill(self, ctx: DistillContext) -> PairSet:
-        idx = torch.randperm(ctx.train.n_pairs, generator=_gen(ctx.seed))[: ctx.pairs]
-        pairs = ctx.train.pairset(idx)
-        pairs.meta.update(method="random")
+        n = stored_count(ctx, self.cfg.bits)
+        idx = torch.randperm(ctx.train.n_pairs, generator=_gen(ctx.seed))[:n]
+        if self.cfg.bits == 32:
+            pairs = ctx.train.pairset(idx)
+            pairs.meta.update(method="random")
+            return pairs
+        pairs = _selected(ctx, idx, "random", self.cfg.bits)
+        pairs.meta.pop("provenance")  # random selection needs no re-run label
         return pairs
 
 
@@ -122,11 +163,12 @@ class Herding:
     """Real pairs whose running mean tracks the full data's mean in the joint feature space."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
+        self.cfg = from_cfg(settings.Coreset, cfg, "method.")
 
     def distill(self, ctx: DistillContext) -> PairSet:
-        idx = herding(joint_features(ctx), ctx.pairs)
-        return _selected(ctx, idx, "herding")
+        bits = self.cfg.bits
+        idx = herding(joint_features(ctx), stored_count(ctx, bits))
+        return _selected(ctx, idx, "herding", bits)
 
 
 class KCenter:
@@ -145,7 +187,9 @@ class KCenter:
             first = int((x - x.mean(0)).pow(2).sum(1).argmin())
         else:
             first = int(torch.randint(len(x), (1,), generator=_gen(ctx.seed)))
-        return _selected(ctx, kcenter(x, ctx.pairs, first), "kcenter", start=self.cfg.start)
+        bits = self.cfg.bits
+        idx = kcenter(x, stored_count(ctx, bits), first)
+        return _selected(ctx, idx, "kcenter", bits, start=self.cfg.start)
 
 
 @torch.no_grad()
@@ -219,11 +263,12 @@ class Forgetting:
         # Ties (many pairs share a count) are broken by a seeded shuffle before the stable sort.
         perm = torch.randperm(len(counts), generator=_gen(ctx.seed))
         order = perm[torch.argsort(counts[perm], descending=True, stable=True)]
-        idx = order[: ctx.pairs]
+        idx = order[: stored_count(ctx, self.cfg.bits)]
         return _selected(
             ctx,
             idx,
             "forgetting",
+            self.cfg.bits,
             forgetting_events=counts[idx].tolist(),
             never_learned=int((~learned).sum()),
         )

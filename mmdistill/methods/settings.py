@@ -28,7 +28,6 @@ from mmdistill.settings import (
     Choice,
     Float,
     Int,
-    NoKeys,
     Rule,
     check_value,
     get,
@@ -53,13 +52,27 @@ class Preset:
     name: str = setting(TEXT)
 
 
-for _family in ("random", "herding"):
-    register("method.", FAMILY, _family)(NoKeys)
+def _bits(key: str, value: Any) -> None:
+    """How a set stores its rows: float32, float16 or int8 codes (training.storage.ROWS)."""
+    if isinstance(value, bool) or value not in (32, 16, 8):
+        raise UserError(f"{key}={shown(value)} is not a valid choice; choose one of: 32, 16, 8")
+
+
+BITS = Rule("custom", custom=_bits)
+
+
+@register("method.", FAMILY, "random")
+@register("method.", FAMILY, "herding")
+@settings
+class Coreset:
+    """What every coreset has: how its real rows are stored (fewer bits, more pairs)."""
+
+    bits: int = setting(BITS)
 
 
 @register("method.", FAMILY, "kcenter")
 @settings
-class KCenter:
+class KCenter(Coreset):
     """K-center cover: where the greedy cover starts."""
 
     start: str = setting(Choice("random", "mean"))
@@ -67,7 +80,7 @@ class KCenter:
 
 @register("method.", FAMILY, "forgetting")
 @settings
-class Forgetting:
+class Forgetting(Coreset):
     """Forgetting events counted over a student's epochs on all real pairs."""
 
     epochs: int = setting(COUNT)
@@ -204,12 +217,6 @@ def _rank_by_budget(key: str, value: Any) -> None:
         check_value(f"{key}.{budget}", COUNT, rank)
 
 
-def _bits(key: str, value: Any) -> None:
-    """CovMatch's storage precision of the synthetic rows: float32 or int8."""
-    if isinstance(value, bool) or value not in (32, 8):
-        raise UserError(f"{key}={shown(value)} is not a valid choice; choose one of: 32, 8")
-
-
 @settings
 class Online:
     """CovMatch's online student: its contrastive step between synthetic updates."""
@@ -252,7 +259,7 @@ class CovMatch:
     rank: int | str = setting(Int(0, words=("auto",)))
     rank_by_budget: dict | None = setting(Rule("custom", custom=_rank_by_budget, optional=True))
     within: float = setting(Float(0))
-    bits: int = setting(Rule("custom", custom=_bits))
+    bits: int = setting(BITS)
     reset_every: int = setting(COUNT)
     reset_to: str = setting(Choice("fresh", "initial"))
     proj_dim: int = setting(COUNT)

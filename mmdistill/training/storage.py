@@ -216,6 +216,18 @@ class PairStorage:
         return PairStorage(self.images.to(device), self.texts.to(device))
 
 
+# `method.bits`: how plain rows are stored, for any method of frozen-trunk features. A new
+# precision is one more Storage class here.
+ROWS: dict[int, type[Storage]] = {32: Float32, 16: Float16, 8: Int8}
+
+
+def rows_storage(bits: int, offsets: tuple[Tensor, Tensor] | None = None) -> PairStorage:
+    """Row storage of `bits` for images and texts; int8 codes are taken about `offsets`."""
+    if bits == 8 and offsets is not None:
+        return PairStorage(Int8(offsets[0]), Int8(offsets[1]))
+    return PairStorage(ROWS[bits](), ROWS[bits]())
+
+
 def float32_bytes(pairs: int, dims: tuple[int, int]) -> int:
     """The bytes of `pairs` plain float32 pairs: what a budget of `pairs` pairs holds."""
     return pairs * FLOAT32_BYTES * sum(dims)

@@ -22,7 +22,7 @@ from mmdistill.training.trainer import Recipe, Trainer, pair_loss
 
 log = logging.getLogger(__name__)
 RESETS = ("fresh", "initial")
-BITS = (32, 8)
+BITS = (32, 16, 8)
 PER_BUDGET = ("rho", "lambda", "steps", "syn_batch")
 
 
@@ -119,7 +119,8 @@ class CovMatch:
             )
 
     def _bits(self, ctx: DistillContext) -> int:
-        """`method.bits`, checked: 32 stores float32 rows, 8 int8 codes (frozen trunks only)."""
+        """`method.bits`, checked: 32 stores float32 rows, 16 float16, 8 int8 codes (frozen
+        trunks only)."""
         bits = int(self.bits)
         if bits not in BITS:
             raise UserError(f"method.bits={bits}: choose one of {', '.join(map(str, BITS))}")

@@ -10,11 +10,11 @@ from torch import Tensor
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.storage import (
     Factor,
-    Float32,
     Int8,
     LowRank,
     PairStorage,
     float32_bytes,
+    rows_storage,
 )
 
 
@@ -22,9 +22,7 @@ def storage_for(bits: int, rank: int) -> PairStorage:
     """The storage `method.bits` and `method.rank` name, before its offsets and bases."""
     if rank:
         return PairStorage(LowRank(rank, bits), LowRank(rank, bits))
-    if bits == 8:
-        return PairStorage(Int8(), Int8())
-    return PairStorage(Float32(), Float32())
+    return rows_storage(bits)
 
 
 def factored_pairs(budget: int, rank: int, dims: tuple[int, int], bits: int = 32) -> int:
