@@ -123,3 +123,42 @@ def test_kcenter_start_is_checked() -> None:
     cfg = compose_cfg("method=kcenter", "method.start=middle")
     with pytest.raises(UserError, match="method.start"):
         get_method("kcenter")(cfg.method)
+
+
+# --------------------------------------------------------------------------- storage (bits)
+
+FROZEN = ["encoder.train_image_trunk=false", "encoder.train_text_trunk=false"]
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("name", CORESETS)
+def test_fewer_bits_store_more_real_pairs_in_the_same_bytes(
+    name: str, bits: int, tmp_path: Path
+) -> None:
+    """A coreset at `bits` fills the budget's bytes: more pairs, every stored byte counted
+    (`cost.pairs_equiv` within half a pair of the budget), rows within int8's half step."""
+    from mmdistill.training.cost import set_cost
+
+    quick = ["method.epochs=1"] if name == "forgetting" else []
+    cfg = compose_cfg(f"method={name}", f"method.bits={bits}", *quick, *FROZEN)
+    ctx = context(tmp_path, cfg, 10)
+    pairs = get_method(name)(cfg.method).distill(ctx)
+    dims = (ctx.train.images.shape[1], ctx.train.texts.shape[1])
+    per_pair = 4 * sum(dims)
+    assert len(pairs) > 10 and pairs.meta["bits"] == bits
+    cost = set_cost(pairs)
+    assert 10 - 1 < cost["bytes"] / per_pair <= 10 and cost["pairs_equiv"] <= 10.5
+    real = ctx.train.pairset(torch.tensor(pairs.meta["source_pairs"]))
+    step = real.texts.abs().amax(1, keepdim=True) / 127 + 1e-3  # int8's step (float16: finer)
+    assert (pairs.texts - real.texts).abs().le(step).all()
+    saved = tmp_path / "set"
+    pairs.save(saved)
+    back = PairSet.load(saved)
+    assert torch.equal(back.texts, pairs.texts) and set(back.factors) == {"images", "texts"}
+
+
+def test_bits_below_32_need_feature_rows(tmp_path: Path) -> None:
+    cfg = compose_cfg("method=random", "method.bits=8")  # tiny: trains its trunks on pixels
+    ctx = context(tmp_path, cfg, 10)
+    with pytest.raises(UserError, match="method.bits=8 stores feature rows"):
+        get_method("random")(cfg.method).distill(ctx)
