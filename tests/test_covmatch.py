@@ -377,6 +377,8 @@ def test_int8_set_fits_the_budget_and_saves_as_codes(tmp_path: Path, method: str
     assert torch.equal(loaded.images, pairs.images) and torch.equal(loaded.texts, pairs.texts)
     assert loaded.factors["images"].coef.dtype == torch.int8
     assert set_cost(loaded)["bytes"] == cost["bytes"]
+    # the name `mmdistill table` shows beside a cell holding more pairs than its budget
+    assert set_cost(loaded)["storage"] == cost["storage"] == ("rank-8 int8" if rank else "int8")
 
 
 def test_bad_bits_is_one_user_error(tmp_path: Path) -> None:

@@ -17,11 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from mmdistill.errors import UserError
 from mmdistill.jobs import table
-from mmdistill.report import table_files, tables
+from mmdistill.report import pages, stored, table_files, tables
+from mmdistill.training import cost
+from mmdistill.training.pairs import PairSet
+from mmdistill.training.storage import Float16, Float32, Int8, LowRank, PairStorage
 
 GOLDEN = Path(__file__).parent / "golden"
 RUNS = GOLDEN / "runs"
@@ -252,7 +256,7 @@ def test_sets_smaller_than_their_budget_sit_in_the_budget_column(tmp_path: Path)
     rows = {(r["method"], r["budget"]) for r in csv_rows(tmp_path / "out")}
     md = (tmp_path / "out" / "table.md").read_text()
     assert any(m == "herding" and "20" in b for m, b in rows), rows
-    assert "herding at 20 pairs distils 19 pairs" in md
+    assert "herding at 20 pairs: 19 pairs (storage not recorded) in 20 pairs' bytes" in md
     assert "| 19 pairs" not in md  # no column of its own
 
 
@@ -424,3 +428,156 @@ def test_cross_arch_matrix_rows_sources_columns_evaluators(tmp_path: Path, capsy
     built = tables.build(*tables.collect([runs]))
     covmatch = [row for row in built.rows if row[0] == "covmatch"]
     assert len(covmatch) == 4
+
+
+# ------------------------------------------------------------- equal bytes, other pair counts
+
+
+def budget_run(runs: Path, name: str, method: str, pairs: int, **changes: object) -> Path:
+    """A run at a 100-pair budget (bytes of 100 float32 pairs) holding `pairs` pairs, made
+    from a golden one; `changes` go into its results.json."""
+    run = runs / name
+    shutil.copytree(runs / "random-10-seed0", run)
+    cfg = run / ".hydra" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("  name: random\n", f"  name: {method}\n"))
+    edit(run / "results.json", method=method, pairs=pairs, budget={"pairs": 100}, **changes)
+    return run
+
+
+def save_set(run: Path, n: int, store: object) -> PairSet:
+    """`n` 4-dim pairs kept as `store` (a PairStorage) in the run's distilled.safetensors."""
+    params = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+    factors = store.encode(params, params.clone()) if not store.plain else {}
+    decoded = {k: f.decode() for k, f in factors.items()}
+    pairs = PairSet(
+        images=decoded.get("images", params),
+        texts=decoded.get("texts", params.clone()),
+        factors=factors,
+    )
+    pairs.save(run / "distilled")
+    return pairs
+
+
+def equal_bytes_runs(tmp_path: Path) -> Path:
+    """The golden runs plus, at 100 pairs' bytes: int8 CovMatch holding 394 pairs (its storage
+    read from its distilled.safetensors, as in runs older than `cost.storage`), a float32
+    random set of 100 pairs, and a LoRS-like 99 pairs + S."""
+    runs = copy_runs(tmp_path)
+    int8 = budget_run(runs, "int8-100", "covmatch_int8", 394, cost={"pairs_equiv": 99.9})
+    save_set(int8, 394, PairStorage(Int8(), Int8()))
+    budget_run(runs, "plain-100", "random", 100, cost={"storage": "float32"})
+    budget_run(runs, "lors-100", "lors", 99, cost={"storage": "float32", "pairs_equiv": 100.3})
+    return runs
+
+
+def test_cells_holding_other_pair_counts_name_count_and_storage(tmp_path: Path) -> None:
+    runs = equal_bytes_runs(tmp_path)
+    table([str(runs), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "table.md").read_text()
+    notes = [line for line in md.splitlines() if line.startswith("- [")]
+    assert notes == [
+        "- [1] lors at 100 pairs: 99 pairs stored as float32 in 100 pairs' bytes (the rest of "
+        "the budget stores its learned similarity / correspondence matrix)",
+        "- [2] covmatch_int8 at 100 pairs: 394 pairs stored as int8 in 100 pairs' bytes",
+    ]
+    lines = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    int8, plain, lors = lines["| covmatch_int8"], lines["| random"], lines["| lors"]
+    assert int8.count(" [2]") == len(tables.METRICS) and "[1]" not in int8
+    assert lors.count(" [1]") == len(tables.METRICS)
+    assert "[" not in plain  # 100 float32 pairs in 100 pairs' bytes: nothing to say
+    rows = {(r["method"], r["budget"]): r for r in csv_rows(tmp_path / "out")}
+    assert rows[("covmatch_int8", "100 pairs")]["pairs"] == "100"
+    assert rows[("covmatch_int8", "100 pairs")]["pairs_stored"] == "394"
+    assert rows[("covmatch_int8", "100 pairs")]["storage"] == "int8"
+    assert (
+        rows[("random", "100 pairs")]["pairs_stored"],
+        rows[("random", "100 pairs")]["storage"],
+    ) == ("100", "float32")
+    assert rows[("lors", "100 pairs")]["pairs_stored"] == "99"
+    assert rows[("random", "10 pairs")]["storage"] == ""  # the golden runs predate the record
+    tex = (tmp_path / "out" / "table.tex").read_text()
+    assert "\\textsuperscript{2}" in tex and "394 pairs stored as int8 in 100 pairs' bytes" in tex
+    assert tex.index("394 pairs stored") < tex.index("\\end{tabular}")
+
+
+def test_equal_bytes_notes_in_rich_and_html_and_pairs_equiv_stays(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    runs = equal_bytes_runs(tmp_path)
+    table([str(runs), "--out", str(tmp_path / "out"), "--columns", "r_mean,cost.pairs_equiv"])
+    out = capsys.readouterr().out
+    assert "[2] covmatch_int8 at 100 pairs: 394 pairs stored as int8" in out
+    md = (tmp_path / "out" / "table.md").read_text()
+    int8 = next(line for line in md.splitlines() if line.startswith("| covmatch_int8"))
+    assert "99.90 [2]" in int8  # the cost column is marked as the recall beside it
+    built = tables.build(*tables.collect([runs]))
+    html = pages._html_table(built)
+    assert "<sup>2</sup>" in html and "394 pairs stored as int8 in 100 pairs&#x27; bytes" in html
+
+
+def test_storage_splits_rows_that_share_everything_else(tmp_path: Path) -> None:
+    """`method=random method.bits=8` and a plain random set of one budget are two rows: the
+    Setting column tells them apart by bits (the saved config) and by storage (the set)."""
+    runs = equal_bytes_runs(tmp_path)
+    int8 = budget_run(runs, "random-int8-100", "random", 394, cost={"storage": "int8"})
+    set_method_param(int8, "random", "bits: 8")
+    built = tables.build(*tables.collect([runs]))
+    random_rows = [row for row in built.rows if row[0] == "random"]
+    assert len(random_rows) == 2  # plain (10, 20 and 100 pairs) and int8 (100)
+    assert built.method_varying["random"] == ["method.bits", "storage"]
+    assert "storage" not in built.varying  # other methods in other storage: the comparison
+    settings = {built.setting(row) for row in random_rows}
+    assert settings == {"method.bits=-, storage=-", "method.bits=8, storage=int8"}
+    # the same rows without the saved bits: storage alone still keeps them apart
+    cfg = int8 / ".hydra" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("  bits: 8\n", ""))
+    built = tables.build(*tables.collect([runs]))
+    assert built.method_varying["random"] == ["storage"]
+    assert sum(row[0] == "random" for row in built.rows) == 2
+
+
+@pytest.mark.parametrize(
+    ("store", "name"),
+    [
+        (PairStorage(Float32(), Float32()), "float32"),
+        (PairStorage(Float16(), Float16()), "float16"),
+        (PairStorage(Int8(), Int8()), "int8"),
+        (PairStorage(Int8(), Float32()), "int8 images, float32 texts"),
+    ],
+)
+def test_storage_is_read_alike_from_the_set_and_its_file(
+    tmp_path: Path, store: PairStorage, name: str
+) -> None:
+    pairs = save_set(tmp_path, 6, store)
+    assert cost.storage(pairs) == name
+    assert stored.storage_of(tmp_path, {}) == name  # from the safetensors header alone
+    assert stored.storage_of(tmp_path, {"cost": {"storage": "rank-2"}}) == "rank-2"
+
+
+@pytest.mark.parametrize(("bits", "name"), [(32, "rank-2"), (8, "rank-2 int8")])
+def test_low_rank_storage_names_its_rank(tmp_path: Path, bits: int, name: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    basis, offset = torch.randn(2, 4, generator=gen), torch.randn(4, generator=gen)
+    coef = torch.randn(5, 2, generator=gen)
+    factors = {
+        "images": LowRank(2, bits, basis, offset).encode(coef),
+        "texts": LowRank(2, bits, basis.clone(), offset.clone()).encode(coef.clone()),
+    }
+    rows = factors["images"].decode()
+    pairs = PairSet(images=rows, texts=rows.clone(), factors=factors)
+    pairs.save(tmp_path / "distilled")
+    assert cost.storage(pairs) == name and stored.storage_of(tmp_path, {}) == name
+
+
+def test_evaluate_runs_read_the_storage_of_their_source(tmp_path: Path) -> None:
+    source = tmp_path / "distill"
+    source.mkdir()
+    save_set(source, 6, PairStorage(Int8(), Int8()))
+    run = tmp_path / "evaluate"
+    run.mkdir()
+    (run / "meta.json").write_text(json.dumps({"source": str(source)}))
+    assert stored.storage_of(run, {}) == "int8"
+    (run / "meta.json").write_text("{")  # damaged: storage not recorded, the table goes on
+    assert stored.storage_of(run, {}) is None
+    (source / "distilled.safetensors").write_bytes(b"\xff" * 8)
+    assert stored.storage_of(source, {}) is None

@@ -437,11 +437,13 @@ def _budget_table(table: tables.Table, budgets: list[tuple[str, float]]) -> str:
     top += "".join(f'<th colspan="{k}">{escape(table.budget_label(b))}</th>' for b in budgets)
     sub = "".join(f"<th>{escape(m)}</th>" for m in tables.METRICS) * len(budgets)
     rows = []
+    markers = table.markers()
     for row in table.rows:
         cells = [table.label(row), table.draws(row)]
         cells += [table.setting(row)] if table.has_setting else []
         html_cells = "".join(f"<td class=l>{escape(c)}</td>" for c in cells)
         for b in budgets:
+            mark = f"<sup>{markers[(row, b)]}</sup>" if (row, b) in markers else ""
             for m in tables.METRICS:
                 text = escape(tables.fmt(table.cell(row, b), m))
                 best = table.best(b, m)
@@ -452,9 +454,14 @@ def _budget_table(table: tables.Table, budgets: list[tuple[str, float]]) -> str:
                     and cell is not None
                     and round(cell.stat(m)[0], 1) == round(best, 1)
                 )
-                html_cells += f"<td>{'<b>' + text + '</b>' if bold else text}</td>"
+                html_cells += f"<td>{'<b>' + text + '</b>' if bold else text}{mark}</td>"
         rows.append(f"<tr>{html_cells}</tr>")
-    return f"<table><tr>{top}</tr><tr>{sub}</tr>{''.join(rows)}</table>"
+    notes = "".join(
+        f'<p class="note"><sup>{markers[(row, b)]}</sup> {escape(text)}</p>'
+        for row, b, text in table.notes()
+        if b in budgets
+    )
+    return f"<table><tr>{top}</tr><tr>{sub}</tr>{''.join(rows)}</table>{notes}"
 
 
 def _settings(table: tables.Table) -> str:

@@ -35,6 +35,12 @@ COST_NOTE = (
 )
 
 
+def _marked(text: str, mark: str) -> str:
+    """A cell with its footnote marker; a blank one (a cost its runs did not record) stays
+    blank."""
+    return text + mark if text else text
+
+
 def _has_cost(table: Table) -> bool:
     return any(c not in METRICS for c in table.columns)
 
@@ -58,33 +64,33 @@ def markdown(table: Table, heading: str = "#") -> str:
         "|" + "---|" * len(head),
         "| " + " | ".join(sub) + " |",
     ]
+    markers = table.markers()
     for row in table.rows:
         cells = [table.label(row), table.draws(row)]
         cells += [table.setting(row)] if table.has_setting else []
         for b in table.budgets:
+            mark = f" [{markers[(row, b)]}]" if (row, b) in markers else ""
             for m in table.columns:
                 text = fmt(table.cell(row, b), m)
-                cells.append(f"**{text}**" if _is_best(table, row, b, m) else text)
+                text = f"**{text}**" if _is_best(table, row, b, m) else text
+                cells.append(_marked(text, mark))
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [
-        f"{table.label(row)} at {int(b[1])} pairs distils {c.pairs} pairs (the rest of the "
-        "budget stores its learned similarity / correspondence matrix)"
-        for row in table.rows
-        for b in table.budgets
-        if b[0] == "pairs" and (c := table.cell(row, b)) is not None and c.pairs < b[1]
-    ]
-    lines += ["", *(f"- {n}" for n in notes)] if notes else []
+    notes = [f"- [{i}] {text}" for i, (*_, text) in enumerate(table.notes(), 1)]
+    lines += ["", *notes] if notes else []
     return "\n".join(lines) + "\n"
 
 
 def csv_text(table: Table) -> str:
+    """One line per row and budget: `pairs` is what the budget's bytes are worth in plain
+    float32 pairs, `pairs_stored` and `storage` what its sets hold (counts per seed, when
+    they differ; storage blank where the runs did not record it)."""
     out = stdio.StringIO()
     w = csv.writer(out, lineterminator="\n")
     stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
     extra = [c for c in table.columns if c not in METRICS]
     w.writerow(
-        ["method", "setting", "budget", "pairs", "ratio", "seeds", "students", *stats, *extra]
-        + ["protocol"]
+        ["method", "setting", "budget", "pairs", "pairs_stored", "storage", "ratio", "seeds"]
+        + ["students", *stats, *extra, "protocol"]
     )
     for (row, budget), cell in sorted(
         table.cells.items(), key=lambda kv: (table.rows.index(kv[0][0]), kv[0][1])
@@ -95,7 +101,7 @@ def csv_text(table: Table) -> str:
         elif budget[0] == "full":
             ratio = "1"
         elif len(train) == 1 and None not in train:
-            ratio = f"{cell.pairs / train.pop():.6g}"
+            ratio = f"{budget[1] / train.pop():.6g}"  # the budget's share: bytes, not pairs held
         else:
             ratio = ""
         values = [f"{v:.4f}" for m in METRICS for v in cell.stat(m)]
@@ -105,7 +111,9 @@ def csv_text(table: Table) -> str:
                 row[0],
                 table.setting(row),
                 table.budget_label(budget),
-                cell.pairs,
+                int(budget[1]) if budget[0] == "pairs" else cell.pairs,  # the bytes' worth
+                " ".join(map(str, cell.stored)),
+                " ".join(cell.storages),
                 ratio,
                 " ".join(map(str, cell.seeds)),
                 cell.n_students,
@@ -159,27 +167,37 @@ def latex(table: Table) -> str:
     metric_head = " & ".join(_tex(m) for m in table.columns)
     lines.append(" & ".join(lead + [metric_head] * len(table.budgets)) + r" \\")
     lines.append(r"\midrule")
+    markers = table.markers()
     for row in table.rows:
         if row[0] == FULL:
             lines.append(r"\midrule")
         cells = [_tex(table.label(row))] + ([_tex(table.setting(row))] if table.has_setting else [])
         for b in table.budgets:
-            for m in table.columns:
-                cell = table.cell(row, b)
-                if cell is None:
-                    cells.append("-")
-                    continue
-                if m not in METRICS:
-                    cells.append(_tex(fmt(cell, m)))
-                    continue
-                mean, std = cell.stat(m)
-                text = f"{mean:.1f}\\pm{std:.1f}"
-                if _is_best(table, row, b, m):
-                    text = f"\\mathbf{{{text}}}"
-                cells.append(f"${text}$")
+            mark = f"\\textsuperscript{{{markers[(row, b)]}}}" if (row, b) in markers else ""
+            cells += [_marked(_tex_cell(table, row, b, m), mark) for m in table.columns]
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines.append(r"\bottomrule")
+    width = n_lead + k * len(table.budgets)
+    for i, (*_, text) in enumerate(table.notes(), 1):
+        lines.append(
+            f"\\multicolumn{{{width}}}{{l}}{{\\footnotesize $^{{{i}}}$ {_tex(text)}}} \\\\"
+        )
+    lines.append(r"\end{tabular}")
     return "\n".join(lines) + "\n"
+
+
+def _tex_cell(table: Table, row: tuple, budget: tuple, metric: str) -> str:
+    """One cell in math mode (a recall, bold when best) or as text (a cost column)."""
+    cell = table.cell(row, budget)
+    if cell is None:
+        return "-"
+    if metric not in METRICS:
+        return _tex(fmt(cell, metric))
+    mean, std = cell.stat(metric)
+    text = f"{mean:.1f}\\pm{std:.1f}"
+    if _is_best(table, row, budget, metric):
+        text = f"\\mathbf{{{text}}}"
+    return f"${text}$"
 
 
 def _x(table: Table, budget: tuple) -> int:
@@ -278,14 +296,19 @@ def print_rich(table: Table) -> None:
             t.add_column("setting")
         for m in table.columns:
             t.add_column(m, justify="right", style="bold" if m == "r_mean" else None)
+        markers = table.markers()
         for row in table.rows:
             cell = table.cell(row, b)
             if cell is None:
                 continue
             lead = [table.label(row), str(len(cell.seeds))]
             lead += [table.setting(row)] if table.has_setting else []
-            t.add_row(*lead, *(fmt(cell, m) for m in table.columns))
+            mark = f" [{markers[(row, b)]}]" if (row, b) in markers else ""
+            t.add_row(*lead, *(_marked(fmt(cell, m), mark) for m in table.columns))
         console.print(t)
+        for row, budget, text in table.notes():
+            if budget == b:
+                console.print(f"\\[{markers[(row, budget)]}] {text}", soft_wrap=True)
 
 
 def write(table: Table, out: Path) -> list[Path]:

@@ -4,8 +4,11 @@ Rows are methods, split further by every protocol switch that differs between ru
 encoder, noise, the student recipe, method hyper-parameters), so results that are not comparable
 never share a row; column groups are budgets (pairs, with the compression ratio when the training
 set size is known); cells are TR/IR@1/5/10 and r_mean as mean±std over every student of every
-seed. Writes table.md, table.csv (one line per row and budget), table.tex and recall_vs_pairs.png,
-and prints one rich table per budget. Unreadable files are skipped with one line each.
+seed. A budget is bytes (those of N plain float32 pairs): a cell whose sets hold another number
+of pairs in them (int8 rows, LoRS's pairs + S) gets a note with the count and storage, and sets
+of different storage never share a row. Writes table.md, table.csv (one line per row and
+budget), table.tex and recall_vs_pairs.png, and prints one rich table per budget. Unreadable
+files are skipped with one line each.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from mmdistill.config import NEUTRAL
 from mmdistill.errors import UserError
 from mmdistill.methods import presets
+from mmdistill.report import stored
 from mmdistill.training import cost
 
 METRICS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10", "r_mean")
@@ -56,6 +60,7 @@ class Result:
         return float(value) if _is_number(value) else None
 
     transfer: dict | None = None  # how `evaluate encoder=<other>` converted the set, if it did
+    storage: str | None = None  # how the set keeps its rows (report.stored), None: not recorded
 
     @property
     def row(self) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -84,6 +89,16 @@ class Cell:
     @property
     def pairs(self) -> int:
         return round(sum(r.pairs for r in self.results) / len(self.results))
+
+    @property
+    def stored(self) -> list[int]:
+        """Every pair count the cell's sets hold (one, unless its seeds differ)."""
+        return sorted({r.pairs for r in self.results})
+
+    @property
+    def storages(self) -> list[str]:
+        """Every storage its sets record (float32 and not recorded may share a row)."""
+        return sorted({r.storage for r in self.results if r.storage})
 
     @property
     def seeds(self) -> list[int]:
@@ -153,6 +168,25 @@ class Table:
         if len(train) == 1 and None not in train:
             extra = f" ({percent(100 * value / train.pop())})"
         return f"{int(value)} pairs{extra}"
+
+    def notes(self) -> list[tuple[tuple, tuple, str]]:
+        """(row, budget, text) of every cell whose sets hold other than its column's plain
+        float32 pairs, in reading order; a cell's marker is its place in this list + 1."""
+        out = []
+        for row in self.rows:
+            for b in self.budgets:
+                c = self.cells.get((row, b))
+                if row[0] == FULL or c is None or not stored.differs(c.stored, c.storages, b):
+                    continue
+                name = self.label(row) + (f" ({self.setting(row)})" if self.setting(row) else "")
+                where = self.budget_label(b)
+                text = stored.note(c.stored, c.storages, b, where)
+                out.append((row, b, f"{name} at {where}: {text}"))
+        return out
+
+    def markers(self) -> dict[tuple, str]:
+        """(row, budget) -> the footnote number its cells carry."""
+        return {(row, b): str(i) for i, (row, b, _) in enumerate(self.notes(), 1)}
 
     def best(self, budget: tuple, metric: str) -> float | None:
         """The highest mean among method rows (full data excluded), for bold face."""
@@ -270,6 +304,9 @@ def _read_result(path: Path) -> Result:
         switches["source_encoder"] = str(transfer["source_encoder"])
         switches["transfer.texts"] = str(transfer.get("texts_mode", "auto"))
     train_pairs = data.get("train_pairs")
+    storage = stored.storage_of(path.parent, data) if verb != "train" else None
+    if storage not in (None, stored.PLAIN):  # its own rows: never pooled with plain sets
+        switches["storage"] = storage
     return Result(
         path=path,
         method=method,
@@ -283,6 +320,7 @@ def _read_result(path: Path) -> Result:
         commit=_commit(path.parent / "meta.json"),
         data=data,
         transfer=transfer,
+        storage=storage,
     )
 
 
@@ -367,7 +405,7 @@ def build(
     for cell in cells.values():
         cell.results.sort(key=lambda r: r.seed)
     rows = sorted({r.row for r in by_seed.values()}, key=lambda row: (*method_rank(row[0]), row[1]))
-    shared, varying = _split_switches(rows, lambda k: not k.startswith("method."))
+    shared, varying = _split_switches(rows, lambda k: not _is_method_switch(k))
     for k in varying:
         values = sorted({dict(row[1]).get(k, "-") for row in rows})
         warnings.append(
@@ -378,9 +416,7 @@ def build(
     method_shared, method_varying = {}, {}
     for method in dict.fromkeys(row[0] for row in rows):
         mine = [row for row in rows if row[0] == method]
-        method_shared[method], method_varying[method] = _split_switches(
-            mine, lambda k: k.startswith("method.")
-        )
+        method_shared[method], method_varying[method] = _split_switches(mine, _is_method_switch)
         for k in method_varying[method]:
             values = sorted({dict(row[1]).get(k, "-") for row in mine})
             warnings.append(
@@ -398,6 +434,12 @@ def build(
         warnings,
         columns,
     )
+
+
+def _is_method_switch(key: str) -> bool:
+    """Compared only among one method's rows: its hyper-parameters, and its storage (sets of
+    other methods in other storage at the same bytes are the comparison a table is for)."""
+    return key.startswith("method.") or key == "storage"
 
 
 def _split_switches(rows: list[tuple], wanted: Any) -> tuple[dict[str, str], list[str]]:

@@ -7,6 +7,8 @@ the bytes of one real pair stored the same way (one image row and one text row i
 space: pixels or features, token ids or embeddings, with the mask when the set has one). A plain
 set of N pairs is then exactly N; LoRS's N-1 pairs + S come out above N-1 by what S weighs, and a
 factorised set counts its coefficients, bases and offsets, not the pairs they decode to.
+`storage` names how the rows are kept (float32, int8, rank-16, ...), so a table can say why a
+budget's bytes hold 394 pairs, not 100.
 
 The run's side comes from its run folder: wall seconds per timed stage, device-hours, and the
 resource peaks. Evaluation students on a CPU train in forked processes, so the largest child's
@@ -25,6 +27,7 @@ from mmdistill.data.images import PixelStore
 from mmdistill.runs import resource_peaks
 from mmdistill.training.experts import Buffer
 from mmdistill.training.pairs import PairSet
+from mmdistill.training.storage import modality_label, storage_label
 
 PARTS = ("images", "texts", "similarity", "step_sizes", "other")
 # A learned step size is one float32 parameter while the method learns it.
@@ -111,11 +114,28 @@ def buffer_record(meta: dict[str, Any]) -> dict[str, int]:
     return {} if found is None else {"buffer_bytes": found}
 
 
+def storage(pairs: PairSet) -> str | None:
+    """How the set keeps its rows (`float32`, `int8`, `rank-16`, ...), for tables to say
+    when a budget's bytes hold more or fewer pairs than plain float32 would; token ids and
+    pixels read from the cache are no storage choice and are left out."""
+    stored = pairs.stored_factors()
+    parts = {}
+    for name in ("images", "texts"):
+        if name in stored:
+            f = stored[name]
+            rank = None if f.basis is None else int(f.basis.shape[0])
+            parts[name] = modality_label(str(f.coef.dtype).removeprefix("torch."), rank)
+        elif isinstance(x := getattr(pairs, name), Tensor) and x.is_floating_point():
+            parts[name] = modality_label(str(x.dtype).removeprefix("torch."))
+    return storage_label(parts)
+
+
 def set_cost(pairs: PairSet) -> dict[str, Any]:
     parts = set_bytes(pairs)
     total = sum(parts.values())
     unit = pair_bytes(pairs)
     return {
+        "storage": storage(pairs),
         "bytes": total,
         "bytes_parts": parts,
         "pair_bytes": unit,

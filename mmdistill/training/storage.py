@@ -231,3 +231,20 @@ def rows_storage(bits: int, offsets: tuple[Tensor, Tensor] | None = None) -> Pai
 def float32_bytes(pairs: int, dims: tuple[int, int]) -> int:
     """The bytes of `pairs` plain float32 pairs: what a budget of `pairs` pairs holds."""
     return pairs * FLOAT32_BYTES * sum(dims)
+
+
+def modality_label(dtype: str, rank: int | None = None) -> str:
+    """How one modality's rows are kept, as tables name it: `float32`, `int8`, `rank-16`
+    (float32 coefficients on a 16-row basis), `rank-16 int8`."""
+    if rank is None:
+        return dtype
+    return f"rank-{rank}" + ("" if dtype == "float32" else f" {dtype}")
+
+
+def storage_label(parts: dict[str, str]) -> str | None:
+    """One name for a set's storage from each modality's label: `int8` when both agree, else
+    `int8 images, float32 texts`; None when no modality was labelled (token ids only)."""
+    labels = set(parts.values())
+    if len(labels) <= 1:
+        return labels.pop() if labels else None
+    return ", ".join(f"{label} {name}" for name, label in parts.items())
