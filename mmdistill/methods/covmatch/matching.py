@@ -137,7 +137,7 @@ class Matching(Task):
         heads = (student.image_head, student.text_head)
         loss, parts = covmatch_loss(feats_real, feats_syn, heads, p.rho, p.lam, p.real_cov)
         if p.within is not None:
-            auto = p.within((self.images[sidx], self.texts[sidx]), p.rho)
+            auto = p.within((self.images[sidx], self.texts[sidx]))
             loss = loss + p.within.weight * auto
             parts[p.within.name] = auto.detach()
         return loss, parts, sidx
