@@ -382,10 +382,9 @@ def test_int8_set_fits_the_budget_and_saves_as_codes(tmp_path: Path, method: str
 
 
 def test_bad_bits_is_one_user_error(tmp_path: Path) -> None:
-    cfg = compose_cfg(*SMALL, *FROZEN, *SHORT, "method.bits=16")
-    ctx, _ = context(tmp_path, cfg, 12)
-    with pytest.raises(UserError, match="method.bits=16: choose one of 32, 8"):
-        CovMatch(cfg.method).distill(ctx)
+    cfg = compose_cfg(*SMALL, *FROZEN, *SHORT, "method.bits=4")
+    with pytest.raises(UserError, match="method.bits=4 is not a valid choice; choose one of: 32"):
+        CovMatch(cfg.method)
     cfg = compose_cfg(*SMALL, *SHORT, "method.bits=8")
     ctx, _ = context(tmp_path, cfg, 12)
     with pytest.raises(UserError, match="set method.bits=32"):
@@ -583,3 +582,28 @@ def test_pixel_space_covmatch_improves_its_own_random_start_on_shapes(tmp_path: 
         scores[name] = res.summary["r_mean"]["mean"]
     assert sets["covmatch"].meta["init_pairs"] == sets["random"].meta["source_pairs"]
     assert scores["covmatch"] > scores["random"] + 1.5, scores
+
+
+# --------------------------------------------------------------------------- within
+
+
+def test_within_targets_the_real_covariances_and_pulls_rows_to_them() -> None:
+    """The real rows have no within loss; synthetic rows descend to the real covariances of
+    each modality. The targets are not scaled (rho is the cross-covariance's)."""
+    from mmdistill.methods.covmatch.loss import cross_covariance
+    from mmdistill.methods.covmatch.targets import Within
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 6, generator=gen) * torch.linspace(0.5, 2.0, 6)
+    t = torch.randn(60, 4, generator=gen) @ torch.randn(4, 4, generator=gen)
+    within = Within(0.1, (cross_covariance(x, x), cross_covariance(t, t)))
+    assert float(within((x, t))) < 1e-8
+    assert float(within((2 * x, t))) > 1.0  # twice the rows: four times the covariance
+    rows = [x[:12].clone().requires_grad_(True), t[:12].clone().requires_grad_(True)]
+    opt = torch.optim.SGD(rows, lr=0.02)
+    start = float(within((rows[0], rows[1])))
+    for _ in range(300):
+        opt.zero_grad()
+        within((rows[0], rows[1])).backward()
+        opt.step()
+    assert float(within((rows[0], rows[1]))) < 0.05 * start

@@ -26,6 +26,8 @@ from mmdistill.training.trainer import Batches, FiniteCheck, Trainer
 log = logging.getLogger(__name__)
 CHECKPOINT = "covmatch"
 
+LR_PAIRS = 100  # the synthetic batch the step sizes are set for (the paper's 100 pairs)
+
 
 @dataclass
 class Plan:
@@ -48,6 +50,14 @@ class Plan:
     @property
     def pool(self) -> Tensor | None:
         return None if self.weights is None else self.weights.pool
+
+    @property
+    def lr_scale(self) -> float:
+        """The step sizes' factor: C_syn averages `syn_batch` rows, so the loss's gradient per
+        row grows as 1 / syn_batch. The step sizes are the paper's at 100 pairs; below that
+        they shrink with the batch, so a per-row step stays what it is at 100 pairs (a
+        10-pair set diverges at step 5 with the unscaled 1.0). Larger batches keep them."""
+        return min(1.0, self.syn_batch / LR_PAIRS)
 
 
 class Settings(Protocol):
@@ -95,8 +105,8 @@ class Matching(Task):
         self.source = syn["source"]
         self.opt = torch.optim.SGD(
             [
-                {"params": [self.images], "lr": float(method.lr)},
-                {"params": [self.texts], "lr": float(method.lr_text)},
+                {"params": [self.images], "lr": float(method.lr) * plan.lr_scale},
+                {"params": [self.texts], "lr": float(method.lr_text) * plan.lr_scale},
             ],
             momentum=method.momentum,
         )
@@ -137,7 +147,7 @@ class Matching(Task):
         heads = (student.image_head, student.text_head)
         loss, parts = covmatch_loss(feats_real, feats_syn, heads, p.rho, p.lam, p.real_cov)
         if p.within is not None:
-            auto = p.within((self.images[sidx], self.texts[sidx]), p.rho)
+            auto = p.within((self.images[sidx], self.texts[sidx]))
             loss = loss + p.within.weight * auto
             parts[p.within.name] = auto.detach()
         return loss, parts, sidx
@@ -271,6 +281,7 @@ class Matching(Task):
             "lambda": p.lam,
             "steps": p.steps,
             "syn_batch": p.syn_batch,
+            "lr_scale": p.lr_scale,
             "reset_every": m.reset_every,
             "reset_to": m.reset_to,
             "real_stats": "full" if p.real_cov is not None else "batch",

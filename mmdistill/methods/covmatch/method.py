@@ -11,18 +11,18 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mmdistill.errors import UserError
+from mmdistill.methods import settings
 from mmdistill.methods.base import DistillContext
 from mmdistill.methods.covmatch.matching import Matching, Plan
 from mmdistill.methods.covmatch.robust import PairWeights, RobustSettings, pair_weights
 from mmdistill.methods.covmatch.start import init_synthetic
 from mmdistill.methods.covmatch.storage import factored_pairs, fitted, storage_for
 from mmdistill.methods.covmatch.targets import Plain, Statistics, Weighted, Within
+from mmdistill.settings import from_cfg
 from mmdistill.training.pairs import PairSet
 from mmdistill.training.trainer import Recipe, Trainer, pair_loss
 
 log = logging.getLogger(__name__)
-RESETS = ("fresh", "initial")
-BITS = (32, 16, 8)
 PER_BUDGET = ("rho", "lambda", "steps", "syn_batch")
 
 
@@ -37,33 +37,27 @@ class CovMatch:
     """Synthetic pairs whose trunk-feature cross-covariance matches rho times the real one."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        if cfg.reset_to not in RESETS:
-            raise UserError(f"method.reset_to={cfg.reset_to!r}: choose one of {', '.join(RESETS)}")
-        for key in ("reset_every", "checkpoint_every", "real_batch"):
-            if int(getattr(cfg, key)) <= 0:
-                raise UserError(f"method.{key}={getattr(cfg, key)} must be positive")
-        if int(cfg.checkpoint_every) % int(cfg.reset_every):
-            raise UserError(
-                f"method.checkpoint_every={cfg.checkpoint_every} must be a multiple of "
-                f"method.reset_every={cfg.reset_every} (checkpoints fall on online-model resets)"
-            )
-        if int(cfg.real_batch) < 2:
-            raise UserError(f"method.real_batch={cfg.real_batch}: a covariance needs at least 2")
-        # Every setting is read here, once (keys a preset may lack through cfg.get).
-        self.reset_to, self.reset_every = str(cfg.reset_to), int(cfg.reset_every)
-        self.checkpoint_every, self.real_batch = int(cfg.checkpoint_every), int(cfg.real_batch)
-        self.log_every, self.proj_dim = int(cfg.log_every), int(cfg.proj_dim)
-        self.lr, self.lr_text, self.momentum = cfg.lr, cfg.lr_text, float(cfg.momentum)
-        self.online_cfg = cfg.online
-        self.real_stats = str(cfg.real_stats)
-        self.by_budget = {int(k): v for k, v in cfg.by_budget.items()}
-        self.per_budget = {k: getattr(cfg, k) for k in PER_BUDGET}
-        self.bits = cfg.get("bits", 32)
-        self.rank_setting = cfg.get("rank", 0)
-        self.rank_by_budget = cfg.get("rank_by_budget") or {}
-        self.within = float(cfg.get("within", 0.0))
-        self.init = str(cfg.get("init", "random"))
-        self.robust = RobustSettings.from_cfg(cfg.get("robust"))
+        # Read once, as the typed settings (the schema's rules and messages); what no single
+        # key can check (checkpoints on resets) is the settings class's own joint check.
+        s = from_cfg(settings.CovMatch, cfg, "method.")
+        settings.CovMatch.check_together({"method": cfg}, None)
+        self.reset_to, self.reset_every = s.reset_to, s.reset_every
+        self.checkpoint_every, self.real_batch = s.checkpoint_every, s.real_batch
+        self.log_every, self.proj_dim = s.log_every, s.proj_dim
+        self.lr, self.lr_text, self.momentum = s.lr, s.lr_text, s.momentum
+        self.online_cfg = cfg.online  # a student recipe, read by Recipe.from_cfg
+        self.real_stats = s.real_stats
+        self.by_budget = {int(k): v for k, v in s.by_budget.items()}
+        self.per_budget = {
+            "rho": s.rho,
+            "lambda": s.lam,
+            "steps": s.steps,
+            "syn_batch": s.syn_batch,
+        }
+        self.bits, self.rank_setting = s.bits, s.rank
+        self.rank_by_budget = s.rank_by_budget or {}
+        self.within, self.init = s.within, s.init
+        self.robust = RobustSettings.from_typed(s.robust, cfg.robust.get("dual"))
 
     def budget_settings(self, pairs: int) -> dict[str, object]:
         """rho, lambda, steps and syn_batch: explicit values win, `auto` reads `by_budget`.
@@ -85,13 +79,6 @@ class CovMatch:
         s = self.budget_settings(pairs)
         if feature_space and str(self.per_budget["syn_batch"]) == "auto":
             s["syn_batch"] = "all"
-        for key in ("rho", "lambda"):
-            if float(s[key]) < 0:
-                raise UserError(
-                    f"method.{key}={s[key]} must be >= 0 (paper: rho 1-2, lambda 0.1-0.5)"
-                )
-        if int(s["steps"]) < 0:
-            raise UserError(f"method.steps={s['steps']} must be >= 0")
         syn_batch = pairs if str(s["syn_batch"]) == "all" else int(s["syn_batch"])
         if syn_batch > pairs:
             raise UserError(
@@ -121,9 +108,7 @@ class CovMatch:
     def _bits(self, ctx: DistillContext) -> int:
         """`method.bits`, checked: 32 stores float32 rows, 16 float16, 8 int8 codes (frozen
         trunks only)."""
-        bits = int(self.bits)
-        if bits not in BITS:
-            raise UserError(f"method.bits={bits}: choose one of {', '.join(map(str, BITS))}")
+        bits = self.bits
         if bits != 32:
             self._need_full_statistics(ctx, f"method.bits={bits}", off="32")
         return bits
@@ -159,8 +144,6 @@ class CovMatch:
         """
         mode = self.real_stats
         frozen = ctx.encoder.image_space == "feature" and ctx.encoder.text_space == "feature"
-        if mode not in ("auto", "batch", "full"):
-            raise UserError(f"method.real_stats={mode!r}: choose auto, batch or full")
         if mode == "full" and not frozen:
             raise UserError(
                 f"method.real_stats=full needs frozen trunks, but encoder {ctx.encoder.name} "

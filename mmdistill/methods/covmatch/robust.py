@@ -11,7 +11,6 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from mmdistill.errors import UserError
 from mmdistill.methods.base import DistillContext
 from mmdistill.methods.mdw_dual_track import (
     DetectionData,
@@ -19,9 +18,9 @@ from mmdistill.methods.mdw_dual_track import (
     cached_detection,
     detection_scores,
 )
+from mmdistill.methods.settings import Robust
 
 log = logging.getLogger(__name__)
-WEIGHTINGS = ("soft", "hard")
 LOW_CLEAN_FRACTION = 0.05
 
 
@@ -37,22 +36,13 @@ class RobustSettings:
     dual: DualTrackSettings
 
     @classmethod
-    def from_cfg(cls, cfg: DictConfig | None) -> RobustSettings:
-        if cfg is None:
-            return cls(False, "soft", 0.5, True, True, DualTrackSettings())
-        s = cls(
-            enabled=bool(cfg.enabled),
-            weighting=str(cfg.weighting),
-            threshold=float(cfg.threshold),
-            rescale_rho=bool(cfg.rescale_rho),
-            clean_init=bool(cfg.clean_init),
-            dual=DualTrackSettings.from_cfg(cfg.get("dual")),
-        )
-        if s.weighting not in WEIGHTINGS:
-            raise UserError(f"method.robust.weighting={s.weighting!r}: choose soft or hard")
-        if not 0.0 < s.threshold < 1.0:
-            raise UserError(f"method.robust.threshold={s.threshold} must be in (0, 1)")
-        return s
+    def from_typed(cls, s: Robust, dual: DictConfig | None) -> RobustSettings:
+        """From the checked `method.robust` settings; the detection knobs keep their own
+        reader, whose values key the detection and expert caches."""
+        return cls(
+            s.enabled, s.weighting, s.threshold, s.rescale_rho, s.clean_init,
+            DualTrackSettings.from_cfg(dual),
+        )  # fmt: skip
 
 
 @dataclass

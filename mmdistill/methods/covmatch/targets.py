@@ -55,11 +55,14 @@ class Weighted(Statistics):
 
 @dataclass(frozen=True)
 class Within:
-    """`weight` x sum_m ||rho C_mm - C_mm,syn||^2 over images and texts, in the space the
+    """`weight` x sum_m ||C_mm - C_mm,syn||^2 over images and texts, in the space the
     synthetic rows live in (a factorised set's coefficients: B C B^T).
 
     CovMatch's linearised loss sees only C_vt; the contrastive loss's normaliser is quadratic in
-    the projected features, so at second order the students also see these.
+    the projected features, so at second order the students also see these. The targets are
+    not scaled by rho: rho scales the cross-covariance target (the paper's choice per budget,
+    and in robust mode the undoing of its shrinkage under shuffled pairs), and shuffling
+    captions leaves each modality's own covariance as it is.
     """
 
     weight: float
@@ -77,8 +80,8 @@ class Within:
             out.append(store.to(device).covariance(stats.auto(x.float().to(device))))
         return cls(weight, (out[0], out[1]))
 
-    def __call__(self, rows: tuple[Tensor, Tensor], rho: float) -> Tensor:
+    def __call__(self, rows: tuple[Tensor, Tensor]) -> Tensor:
         return sum(
-            (rho * target - cross_covariance(x, x)).pow(2).sum()
+            (target - cross_covariance(x, x)).pow(2).sum()
             for target, x in zip(self.targets, rows, strict=True)
         )
