@@ -94,10 +94,10 @@ def test_the_schedule_sets_each_group_before_the_step() -> None:
         total_steps=4,
     )
     b = Batches(8, 4, gen())
-    seen = []
+    seen = []  # the step size each step is taken with (LambdaLR moves on after the step)
     for _ in range(4):
-        trainer.step(b.next())
         seen.append(trainer.opt.param_groups[0]["lr"])
+        trainer.step(b.next())
     assert seen == [0.5, 0.5, pytest.approx(0.05), pytest.approx(0.05)]
 
 

@@ -61,8 +61,8 @@ def _bits(key: str, value: Any) -> None:
 BITS = Rule("custom", custom=_bits)
 
 
-@register("method.", FAMILY, "random")
 @register("method.", FAMILY, "herding")
+@register("method.", FAMILY, "random")  # applied first: the families list in this order
 @settings
 class Coreset:
     """What every coreset has: how its real rows are stored (fewer bits, more pairs)."""
