@@ -601,9 +601,9 @@ def test_within_targets_the_real_covariances_and_pulls_rows_to_them() -> None:
     assert float(within((2 * x, t))) > 1.0  # twice the rows: four times the covariance
     rows = [x[:12].clone().requires_grad_(True), t[:12].clone().requires_grad_(True)]
     opt = torch.optim.SGD(rows, lr=0.02)
-    start = float(within((rows[0], rows[1])))
+    start = within((rows[0], rows[1])).item()
     for _ in range(300):
         opt.zero_grad()
         within((rows[0], rows[1])).backward()
         opt.step()
-    assert float(within((rows[0], rows[1]))) < 0.05 * start
+    assert within((rows[0], rows[1])).item() < 0.05 * start
