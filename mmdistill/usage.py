@@ -86,8 +86,8 @@ def verb_help(verb: str) -> str:
         "",
         "config groups (group=option; * marks the default):",
     ]
-    root = conf_dir()
-    for group, default in _defaults(verb).items():
+    root, defaults = conf_dir(), _defaults(verb)
+    for group, default in defaults.items():
         folder = root / group
         if folder.is_dir():
             names = sorted(p.stem for p in folder.glob("*.yaml"))
@@ -95,7 +95,7 @@ def verb_help(verb: str) -> str:
             lines.append(f"  {group:<11}{shown}")
     keys = _keys(root / f"{verb}.yaml") + _keys(root / "common.yaml")
     for group in ("eval", "method"):  # the groups whose keys most runs change
-        option = _defaults(verb).get(group)
+        option = defaults.get(group)
         if option and (root / group / f"{option}.yaml").is_file():
             keys += _keys(root / group / f"{option}.yaml", f"{group}.")
     lines += ["", "main keys (key=value; the default, then what it means):"]

@@ -153,13 +153,19 @@ class FakeRun:
         self.finished = True
 
 
-def test_wandb_is_offline_by_default_and_replays_the_records(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    runs = []
+def fake_wandb(monkeypatch: pytest.MonkeyPatch) -> list[FakeRun]:
+    """A `wandb` module whose init records each run it starts, in the returned list."""
+    runs: list[FakeRun] = []
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: runs.append(FakeRun(**kw)) or runs[-1]
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    return runs
+
+
+def test_wandb_is_offline_by_default_and_replays_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = fake_wandb(monkeypatch)
     records = write_some(tmp_path / metrics.FILE)  # a resumed run: all of it is replayed
     cfg = OmegaConf.create({"name": "wandb", "online": False, "project": "p", "entity": None})
     with loggers.attached(cfg, tmp_path, lambda: {"seed": 0}):
@@ -185,10 +191,7 @@ def test_wandb_is_offline_by_default_and_replays_the_records(
 def test_wandb_gets_the_flat_config_and_the_final_recalls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runs = []
-    fake = types.ModuleType("wandb")
-    fake.init = lambda **kw: runs.append(FakeRun(**kw)) or runs[-1]
-    monkeypatch.setitem(sys.modules, "wandb", fake)
+    runs = fake_wandb(monkeypatch)
     cfg = OmegaConf.create({"name": "wandb", "online": False, "project": "p", "entity": None})
     with loggers.attached(cfg, tmp_path, lambda: CONFIG):
         finish_a_run(tmp_path)

@@ -52,10 +52,16 @@ def stored_count(ctx: DistillContext, bits: int) -> int:
 
 
 def _selected(
-    ctx: DistillContext, idx: Tensor, method: str, bits: int = 32, **meta: object
+    ctx: DistillContext,
+    idx: Tensor,
+    method: str,
+    bits: int = 32,
+    provenance: str | None = PROVENANCE,
+    **meta: object,
 ) -> PairSet:
     """The selected real pairs as the set stores them: float32 rows, or rows encoded at `bits`
-    (int8 codes about the real means) and decoded back, with their records."""
+    (int8 codes about the real means) and decoded back, with their records; `provenance`
+    labels our re-runs of coresets that have no public implementation."""
     pairs = ctx.train.pairset(idx)
     if bits != 32:
         train = ctx.train
@@ -68,7 +74,9 @@ def _selected(
             factors=parts,
         )
         meta = {"bits": bits, **meta}
-    pairs.meta.update(method=method, provenance=PROVENANCE, **meta)
+    pairs.meta.update(method=method, **meta)
+    if provenance is not None:
+        pairs.meta["provenance"] = provenance
     return pairs
 
 
@@ -118,13 +126,7 @@ class RandomPairs:
     def distill(self, ctx: DistillContext) -> PairSet:
         n = stored_count(ctx, self.cfg.bits)
         idx = torch.randperm(ctx.train.n_pairs, generator=_gen(ctx.seed))[:n]
-        if self.cfg.bits == 32:
-            pairs = ctx.train.pairset(idx)
-            pairs.meta.update(method="random")
-            return pairs
-        pairs = _selected(ctx, idx, "random", self.cfg.bits)
-        pairs.meta.pop("provenance")  # random selection needs no re-run label
-        return pairs
+        return _selected(ctx, idx, "random", self.cfg.bits, provenance=None)
 
 
 def herding(x: Tensor, k: int) -> Tensor:
